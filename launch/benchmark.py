@@ -1,0 +1,38 @@
+"""Measure throughput: ``python launch/benchmark.py {data,corruption,train} [--json FILE]``.
+
+Prints a table of img/s and peak RSS per case and the ratios between cases of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+from collections.abc import Sequence
+
+from aedist.benchmarks import SUITES
+from aedist.errors import run_cli
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("suite", choices=SUITES)
+    parser.add_argument("--json", help="also write rows and ratios to this JSON file")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per case (the median is kept)")
+    parser.add_argument("--shards", default=None, help="shards folder to read (default: the suite's own)")
+    args = parser.parse_args(argv)
+    rows, ratios = importlib.import_module(f"aedist.benchmarks.{args.suite}").run(args)
+    width = max(len(r["case"]) for r in rows)
+    print(f"{'case':<{width}}  {'img/s':>14}  {'peak RSS MB':>12}")
+    for r in rows:
+        print(f"{r['case']:<{width}}  {r['img_per_s']:>14,.0f}  {r['peak_rss_mb']:>12,.1f}")
+    for name, value in ratios.items():
+        print(f"ratio {name}: {value:.2f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"rows": rows, "ratios": ratios}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
