@@ -313,5 +313,16 @@ def reference_markdown() -> str:
     return "\n".join(rows)
 
 
+def _main(argv: list[str]) -> int:
+    """``python -m aedist.config`` prints the reference; ``--run-dir CONFIG [k=v ...]`` prints a run folder."""
+    if argv[:1] == ["--run-dir"] and len(argv) >= 2:
+        print(load_config(argv[1], argv[2:]).run_dir)
+    else:
+        sys.stdout.write(reference_markdown() + "\n")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.stdout.write(reference_markdown() + "\n")
+    from aedist.errors import run_cli
+
+    run_cli(_main)

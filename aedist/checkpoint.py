@@ -1,0 +1,128 @@
+"""Atomic checkpoints: Accelerate's state plus ours, in ``runs/NAME/checkpoints/step-N/``.
+
+A checkpoint is written into ``.tmp-step-N/``, our ``state.json`` and then the ``COMPLETE`` marker
+are written and flushed, and only then is the folder renamed into place. A crash at any point
+leaves either the previous checkpoints untouched or a ``.tmp-*`` folder that nothing reads, so the
+newest complete checkpoint is never corrupted. Checkpoint folders must sit on a filesystem every
+rank can see (as on any multi-node cluster), since each rank writes its own RNG state there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from aedist.errors import UserError
+
+MARKER = "COMPLETE"
+STATE = "state.json"
+
+
+@dataclass
+class TrainState:
+    """Our part of a checkpoint: where the data stream stands and what the run is."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # micro-batches of ``epoch`` already consumed by each rank
+    wandb_run_id: str = ""
+    model_hash: str = ""
+    model: dict[str, Any] = field(default_factory=dict)
+    best_val: float = float("inf")
+    best_epoch: int = -1
+    epochs_since_best: int = 0
+    bad_steps: int = 0
+    resumed_from: list[int] = field(default_factory=list)
+    train_seconds: float = 0.0
+    images_seen: int = 0
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint counts only once its marker exists."""
+    return (folder / MARKER).is_file()
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete ``step-N`` checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.name[5:].isdigit() and is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint, or None; half-written folders are ignored."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save_checkpoint(accelerator: Accelerator, root: Path, name: str, state: TrainState, keep_last: int) -> Path:
+    """Every rank calls this at the same step; returns the final folder ``root/name``."""
+    final, tmp = root / name, root / f".tmp-{name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))  # model.safetensors, optimizer, scheduler, scaler, each rank's RNG
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_write(tmp / STATE, json.dumps(asdict(state), indent=2))
+        _fsync_write(tmp / MARKER, f"{state.step}\n")
+        old = root / f".old-{name}"
+        if final.exists():  # only "best" is ever replaced; step-N names are unique
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_state(folder: Path) -> TrainState:
+    """Our state from a complete checkpoint folder."""
+    if not is_complete(folder):
+        raise UserError(f"checkpoint {folder} is incomplete (no {MARKER} marker); resume from another or set train.resume=never")
+    return TrainState(**json.loads((folder / STATE).read_text()))
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path, model_hash: str) -> TrainState:
+    """Restore Accelerate's state from ``folder`` after checking it was written by the same model."""
+    state = read_state(folder)
+    if state.model_hash != model_hash:
+        raise UserError(
+            f"checkpoint {folder} was written by a different model ({state.model.get('name')}, "
+            f"model section hash {state.model_hash} != {model_hash}); use another run.name or train.resume=never"
+        )
+    try:
+        accelerator.load_state(str(folder))
+    except (RuntimeError, KeyError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint {folder} does not fit this model ({first}); use another run.name or train.resume=never") from None
+    return state
+
+
+def find_resume(root: Path, resume: str) -> Path | None:
+    """Which checkpoint ``train.resume`` points at: auto = newest complete, never = none, else a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return newest_checkpoint(root)
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"train.resume={resume!r}: no such checkpoint folder; use auto, never or a checkpoints/step-N path")
+    return path

@@ -1,0 +1,218 @@
+"""Readers of raw datasets: each returns uint8 images [N, C, H, W], int64 labels [N] and class names.
+
+    raw = read_idx_dataset("fashion-mnist")             # /usr/share/datasets/fashion-mnist, else download
+    raw = read_stl10("data/stl10_binary", unlabeled=True)
+    raw = read_folder("photos/", size=96)               # photos/CLASS/*.png or photos/{train,test}/CLASS/*
+    raw = colorize(read_idx_dataset("mnist"), seed=0)   # Colored MNIST, 3 channels
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from einops import rearrange
+
+from aedist.errors import UserError
+
+Split = tuple[np.ndarray, np.ndarray]
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+MNIST_CLASSES = [str(i) for i in range(10)]
+STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+SYSTEM_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+# Colored MNIST: one base colour per class (RGB in [0, 1]), jittered per image.
+PALETTE = np.array([
+    [0.90, 0.10, 0.10], [0.10, 0.70, 0.10], [0.15, 0.30, 0.95], [0.95, 0.85, 0.10], [0.85, 0.15, 0.85],
+    [0.10, 0.85, 0.85], [0.95, 0.55, 0.10], [0.55, 0.25, 0.95], [0.60, 0.95, 0.35], [0.95, 0.45, 0.60],
+], dtype=np.float32)
+
+
+@dataclass
+class RawDataset:
+    splits: dict[str, Split]
+    """``{split: (images uint8 [N,C,H,W], labels int64 [N])}``; unlabeled samples carry label -1."""
+    classes: list[str]
+    source: dict[str, Any] = field(default_factory=dict)
+    """What was read (dataset, folder, options): stored in the manifest to tell datasets apart."""
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """One IDX file (gzip or raw): magic 0x0000 TT NN, NN big-endian int32 dims, then the data."""
+    p = Path(path)
+    with (gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")) as fh:
+        data = fh.read()
+    if len(data) < 4 or data[0] or data[1] or data[2] not in IDX_DTYPES:
+        raise UserError(f"{p} is not an IDX file (bad magic {data[:4].hex()})")
+    ndim = data[3]
+    dims = np.frombuffer(data, ">i4", count=ndim, offset=4).astype(int)
+    dtype = np.dtype(IDX_DTYPES[data[2]])
+    body = 4 + 4 * ndim
+    if len(data) - body != int(np.prod(dims)) * dtype.itemsize:
+        raise UserError(f"{p} is truncated: header says {tuple(dims)}, found {len(data) - body} data bytes")
+    return np.frombuffer(data, dtype, offset=body).reshape(tuple(dims))
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for sub in ("", "raw", "FashionMNIST/raw", "MNIST/raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / sub / name).is_file():
+                return folder / sub / name
+    return None
+
+
+def read_idx_dataset(name: str, source: str | Path | None = None, *, download_root: str | Path | None = None) -> RawDataset:
+    """MNIST or Fashion-MNIST train/test from ``source``, else the system folder, else torchvision's download."""
+    if name not in ("mnist", "fashion-mnist"):
+        raise UserError(f"unknown IDX dataset '{name}' (known: mnist, fashion-mnist)")
+    candidates = [Path(source)] if source else [Path(SYSTEM_DIRS[name])]
+    folder = next((c for c in candidates if _find_idx(c, IDX_FILES["train"][0])), None)
+    if folder is None and source:
+        raise UserError(f"no {name} IDX files (train-images-idx3-ubyte[.gz] …) in --source {source}")
+    if folder is None:
+        folder = _download(name, Path(download_root or os.path.expanduser("~/.cache/aedist")))
+    splits = {}
+    for split, (img_stem, lab_stem) in IDX_FILES.items():
+        img_path, lab_path = _find_idx(folder, img_stem), _find_idx(folder, lab_stem)
+        if img_path is None or lab_path is None:
+            raise UserError(f"{folder} lacks {img_stem} or {lab_stem} (.gz or raw)")
+        images, labels = read_idx(img_path), read_idx(lab_path)
+        if images.ndim != 3 or len(images) != len(labels):
+            raise UserError(f"{img_path}: expected [N,H,W] images matching {len(labels)} labels, got {images.shape}")
+        splits[split] = (np.ascontiguousarray(images[:, None]), labels.astype(np.int64))
+    classes = FASHION_CLASSES if name == "fashion-mnist" else MNIST_CLASSES
+    return RawDataset(splits, list(classes), {"dataset": name, "path": str(folder.resolve())})
+
+
+def _download(name: str, root: Path) -> Path:  # pragma: no cover - needs internet (users' machines only)
+    """Fetch with torchvision into ``root``; returns the folder holding the raw IDX files."""
+    from torchvision import datasets
+
+    cls = datasets.FashionMNIST if name == "fashion-mnist" else datasets.MNIST
+    try:
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    except Exception as err:  # URLError, HTTP errors, checksum failures: all mean "give me --source"
+        raise UserError(f"could not download {name} ({type(err).__name__}: {err}); pass --source DIR holding its IDX files") from None
+    return root / cls.__name__ / "raw"
+
+
+def read_stl10(source: str | Path, *, unlabeled: bool = False) -> RawDataset:
+    """STL10 binary layout (torchvision's ``stl10_binary/``): train, test and optionally unlabeled.
+
+    Each ``*_X.bin`` holds images as uint8 [N, 3, 96, 96] stored column-major per channel (Matlab
+    order), so it is read as [N, C, W, H] and transposed; ``*_y.bin`` holds labels 1..10 → 0..9.
+    Unlabeled images get label -1. Images are memory-mapped: the 100k unlabeled images stay on disk.
+    """
+    folder = Path(source)
+    if (folder / "stl10_binary").is_dir():
+        folder = folder / "stl10_binary"
+    if not (folder / "train_X.bin").is_file():
+        raise UserError(f"no STL10 binary files (train_X.bin …) in {folder}; pass --source DIR holding stl10_binary/")
+    splits: dict[str, Split] = {}
+    for split in ("train", "test") + (("unlabeled",) if unlabeled else ()):
+        x_path = folder / f"{split}_X.bin"
+        if not x_path.is_file():
+            raise UserError(f"{x_path} is missing")
+        if x_path.stat().st_size % (3 * 96 * 96):
+            raise UserError(f"{x_path} is truncated (size not a multiple of 3*96*96)")
+        raw = np.memmap(x_path, dtype=np.uint8, mode="r")
+        images = rearrange(raw.reshape(-1, 3, 96, 96), "n c w h -> n c h w")  # a view; copied per block at pack time
+        if split == "unlabeled":
+            labels = np.full(len(images), -1, dtype=np.int64)
+        else:
+            labels = np.fromfile(folder / f"{split}_y.bin", dtype=np.uint8).astype(np.int64) - 1
+            if len(labels) != len(images) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
+                raise UserError(f"{folder / f'{split}_y.bin'}: expected {len(images)} labels in 1..10")
+        splits[split] = (images, labels)
+    names_file = folder / "class_names.txt"
+    classes = names_file.read_text().split() if names_file.is_file() else list(STL10_CLASSES)
+    return RawDataset(splits, classes, {"dataset": "stl10", "path": str(folder.resolve()), "unlabeled": unlabeled})
+
+
+def read_folder(source: str | Path, size: int = 96, *, channels: int = 3) -> RawDataset:
+    """An ImageFolder tree of PNG/JPEG: ``ROOT/CLASS/*`` (all train) or ``ROOT/{train,val,test}/CLASS/*``.
+
+    Each image is resized so its shorter side is ``size``, then centre-cropped to size x size.
+    """
+    from PIL import Image
+
+    root = Path(source)
+    if not root.is_dir():
+        raise UserError(f"image folder {root} not found; pass --source DIR with one sub-folder per class")
+    split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()} or {"train": root}
+    classes = sorted({d.name for sd in split_dirs.values() for d in sd.iterdir() if d.is_dir()})
+    if not classes:
+        raise UserError(f"{root} has no class sub-folders (expected ROOT/CLASS/image.png)")
+    mode = {1: "L", 3: "RGB"}[channels]
+    splits: dict[str, Split] = {}
+    for split, sd in split_dirs.items():
+        files = [(f, ci) for ci, c in enumerate(classes) if (sd / c).is_dir()
+                 for f in sorted((sd / c).iterdir()) if f.suffix.lower() in (".png", ".jpg", ".jpeg")]
+        images = np.empty((len(files), channels, size, size), dtype=np.uint8)
+        for i, (f, _) in enumerate(files):
+            with Image.open(f) as img:
+                img = img.convert(mode)
+                scale = size / min(img.size)
+                w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+                img = img.resize((w, h), Image.BILINEAR)
+                left, top = (w - size) // 2, (h - size) // 2
+                arr = np.asarray(img.crop((left, top, left + size, top + size)))
+            images[i] = arr[None] if arr.ndim == 2 else rearrange(arr, "h w c -> c h w")
+        splits[split] = (images, np.array([ci for _, ci in files], dtype=np.int64))
+    return RawDataset(splits, classes, {"dataset": "folder", "path": str(root.resolve()), "size": size, "channels": channels})
+
+
+def colorize(raw: RawDataset, seed: int = 0, jitter: float = 0.15) -> RawDataset:
+    """Colored MNIST from a grayscale dataset: pixel * (class base colour + per-image jitter), 3 channels.
+
+    The jitter is drawn per image, uniform in ±``jitter`` per channel, from ``seed`` and the split
+    name, so the same seed always gives the same colours.
+    """
+    splits: dict[str, Split] = {}
+    for name, (x, y) in raw.splits.items():
+        if x.shape[1] != 1:
+            raise UserError(f"colorize needs grayscale images, got {x.shape[1]} channels")
+        rng = np.random.default_rng([seed, sum(name.encode())])
+        colour = PALETTE[np.mod(y, len(PALETTE))] + rng.uniform(-jitter, jitter, (len(y), 3)).astype(np.float32)
+        colour = np.clip(colour, 0.0, 1.0)
+        out = np.empty((len(x), 3, *x.shape[2:]), dtype=np.uint8)
+        for i in range(0, len(x), 4096):  # chunked: bounded float32 temporaries
+            gray = x[i : i + 4096].astype(np.float32)  # [n,1,H,W]
+            out[i : i + 4096] = np.rint(gray * colour[i : i + 4096, :, None, None]).astype(np.uint8)
+        splits[name] = (out, y)
+    return RawDataset(splits, list(raw.classes), {**raw.source, "colorize": {"seed": seed, "jitter": jitter}})
+
+
+def select_classes(raw: RawDataset, classes: list[int]) -> RawDataset:
+    """Keep only ``classes`` (original ids), remapped to 0..k-1 in the given order; names kept."""
+    bad = [c for c in classes if not 0 <= c < len(raw.classes)]
+    if bad or len(set(classes)) != len(classes):
+        raise UserError(f"--classes {','.join(map(str, classes))}: need distinct ids in 0..{len(raw.classes) - 1}")
+    lut = np.full(len(raw.classes), -1, dtype=np.int64)
+    lut[classes] = np.arange(len(classes))
+    splits = {}
+    for name, (x, y) in raw.splits.items():
+        keep = (y >= 0) & np.isin(y, classes)
+        splits[name] = (x[keep], lut[y[keep]])
+    return RawDataset(splits, [raw.classes[c] for c in classes], {**raw.source, "classes": list(classes)})
+
+
+def carve_val(raw: RawDataset, fraction: float, seed: int = 0) -> RawDataset:
+    """Move a seeded random ``fraction`` of train into a new ``val`` split (if none exists yet)."""
+    if not 0 <= fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {fraction}")
+    if fraction == 0 or "val" in raw.splits or "train" not in raw.splits:
+        return raw
+    x, y = raw.splits["train"]
+    perm = np.random.default_rng([seed, 1]).permutation(len(x))
+    n_val = int(round(len(x) * fraction))
+    val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    splits = {**raw.splits, "train": (x[train], y[train]), "val": (x[val], y[val])}
+    return RawDataset(splits, raw.classes, {**raw.source, "val_fraction": fraction, "val_seed": seed})

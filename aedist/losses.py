@@ -1,0 +1,37 @@
+"""Reconstruction losses and the VAE objective; every loss returns named terms with ``loss`` the total.
+
+Terms are means over pixels so an AE's and a VAE's ``recon`` are comparable. The VAE's KL is summed
+over latent dimensions, averaged over the batch and divided by the pixels per image, which keeps
+``recon + beta * kl`` proportional to the per-pixel negative ELBO.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from aedist.config import LossConfig
+from aedist.models.ae import AEOutput
+from aedist.models.vae import LOGVAR_CLAMP
+
+
+def reconstruction(pred: torch.Tensor, target: torch.Tensor, name: str = "mse") -> torch.Tensor:
+    """Mean per-pixel MSE, or BCE (computed in float32, where autocast-safe BCE is defined)."""
+    if name == "bce":
+        return F.binary_cross_entropy(pred.float().clamp(1e-6, 1 - 1e-6), target.float())
+    return F.mse_loss(pred.float(), target.float())
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed over dims, mean over the batch; float32, clamped logvar."""
+    mu, logvar = mu.float(), logvar.float().clamp(-LOGVAR_CLAMP, LOGVAR_CLAMP)
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()
+
+
+def compute_loss(out: AEOutput, target: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """Named loss terms for a model output: ``loss`` (what is minimised), ``recon`` and, for VAEs, ``kl``."""
+    recon = reconstruction(out.recon, target, cfg.name)
+    if out.mu is None or out.logvar is None:
+        return {"loss": recon, "recon": recon}
+    kl = kl_divergence(out.mu, out.logvar) / target[0].numel()
+    return {"loss": recon + cfg.beta * kl, "recon": recon, "kl": kl}

@@ -1,0 +1,98 @@
+"""Experiment tracking: W&B (and optionally TensorBoard) through Accelerate's trackers, mirrored locally.
+
+Every scalar log is also a line of ``runs/NAME/metrics.jsonl`` and every figure a PNG under
+``runs/NAME/figures/``, so nothing depends on W&B being reachable. Only the main process writes.
+The standard WANDB_* environment variables win over the config (WANDB_MODE, WANDB_PROJECT, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from accelerate import Accelerator
+
+from aedist.config import Config
+from aedist.visuals import save_png
+
+
+def trackers_for(cfg: Config) -> list[str]:
+    """Accelerate ``log_with`` names for this config."""
+    names = [] if _wandb_mode(cfg) == "disabled" else ["wandb"]
+    return names + (["tensorboard"] if cfg.log.tensorboard else [])
+
+
+def _wandb_mode(cfg: Config) -> str:
+    return os.environ.get("WANDB_MODE", cfg.log.wandb)
+
+
+def new_run_id() -> str:
+    """A W&B-style run id; stored in checkpoints so a resumed run continues the same W&B run."""
+    return secrets.token_hex(4)
+
+
+class Tracker:
+    """One call per log: W&B/TensorBoard via Accelerate, plus metrics.jsonl and figures/*.png."""
+
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_id: str) -> None:
+        self.accelerator = accelerator
+        self.run_dir = cfg.run_dir
+        self.run_id = run_id
+        self.enabled = accelerator.is_main_process
+        if self.enabled:
+            (self.run_dir / "figures").mkdir(parents=True, exist_ok=True)
+        init_kwargs: dict[str, dict[str, Any]] = {}
+        if "wandb" in trackers_for(cfg):
+            init_kwargs["wandb"] = {
+                "id": run_id,
+                "resume": "allow",  # same id after a requeue -> the same W&B run continues
+                "name": os.environ.get("WANDB_NAME", cfg.run.name),
+                "dir": str(self.run_dir),
+                "mode": _wandb_mode(cfg),
+                "entity": os.environ.get("WANDB_ENTITY", cfg.log.entity),
+                "group": os.environ.get("WANDB_RUN_GROUP", cfg.log.group),
+                "tags": cfg.log.tags or None,
+            }
+        if trackers_for(cfg):
+            project = os.environ.get("WANDB_PROJECT", cfg.log.project)
+            accelerator.init_trackers(project, config=_flat(cfg.to_dict()), init_kwargs=init_kwargs)
+
+    def log(self, values: dict[str, float], step: int, epoch: int) -> None:
+        """Scalars to every tracker and one JSON line; non-finite values are kept as strings in JSONL."""
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items()}
+        self.accelerator.log(clean, step=step)
+        row = {"step": step, "epoch": epoch, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def log_images(self, images: dict[str, np.ndarray], step: int, epoch: int) -> None:
+        """Figures as ``figures/KEY_epochEEE.png`` and as W&B images under KEY."""
+        if not self.enabled or not images:
+            return
+        for key, array in images.items():
+            save_png(array, self.run_dir / "figures" / f"{key.removeprefix('figures/').replace('/', '_')}_epoch{epoch:03d}.png")
+        if "wandb" in [t.name for t in self.accelerator.trackers]:
+            self.accelerator.get_tracker("wandb").log_images({k: [v] for k, v in images.items()}, step=step)
+
+    def close(self) -> None:
+        """Flush and finish the trackers (all ranks may call it)."""
+        self.accelerator.end_training()
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{"optim.lr": 1e-3, ...}`` with lists/dicts as JSON strings for tracker configs."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "corruptions":
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    return out

@@ -1,0 +1,105 @@
+"""load_batches: rank split, equal counts on uneven shards, shuffle, resume position, limit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from aedist.data import loader
+from aedist.data.loader import load_batches, num_batches
+from aedist.data.shards import write_shards
+
+N = 1000
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Uneven on purpose: 37-sample blocks, 4 per shard, a short last block and a short last shard."""
+    d = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (N, 1, 4, 4), dtype=np.uint8)
+    write_shards(d, {"train": (x, np.arange(N))}, ["a"], samples_per_block=37, blocks_per_shard=4)
+    return d, x
+
+
+def labels_of(batches) -> list[int]:
+    return [int(v) for _, y in batches for v in y]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_disjoint_complete_equal_counts(shards, world_size):
+    d, x = shards
+    bs = 16
+    per_rank = [list(load_batches(d, "train", bs, r, world_size, seed=1, epoch=2)) for r in range(world_size)]
+    nb = num_batches(d, "train", bs, world_size)
+    assert nb == N // (world_size * bs) and all(len(b) == nb for b in per_rank)
+    seen = [labels_of(b) for b in per_rank]
+    flat = [v for s in seen for v in s]
+    assert len(flat) == len(set(flat))  # disjoint across ranks
+    assert N - len(flat) < world_size * bs  # complete up to the remainder
+    for batches in per_rank:
+        for images, labels in batches:
+            assert images.dtype == torch.uint8 and labels.dtype == torch.int64 and images.shape == (bs, 1, 4, 4)
+            np.testing.assert_array_equal(images.numpy(), x[labels.numpy()])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_eval_mode_covers_every_sample_once(shards, world_size):
+    d, _ = shards
+    seen = [labels_of(load_batches(d, "train", 64, r, world_size, shuffle=False, drop_last=False)) for r in range(world_size)]
+    assert sorted(v for s in seen for v in s) == list(range(N))
+    counts = [len(list(load_batches(d, "train", 64, r, world_size, shuffle=False, drop_last=False))) for r in range(world_size)]
+    assert max(counts) == num_batches(d, "train", 64, world_size, drop_last=False)
+
+
+def test_shuffle_is_seeded_by_seed_and_epoch_and_mixes_blocks(shards):
+    d, _ = shards
+    a = labels_of(load_batches(d, "train", 50, seed=0, epoch=0, shuffle_buffer=200))
+    assert a == labels_of(load_batches(d, "train", 50, seed=0, epoch=0, shuffle_buffer=200))
+    assert a != labels_of(load_batches(d, "train", 50, seed=0, epoch=1, shuffle_buffer=200))
+    assert a != labels_of(load_batches(d, "train", 50, seed=1, epoch=0, shuffle_buffer=200))
+    # pack order: sample ids 0..N-1 were permuted into blocks; a batch must draw from several blocks
+    block_of = {int(v): i // 37 for i, v in enumerate(labels_of(load_batches(d, "train", 37, shuffle=False)))}
+    assert len({block_of.get(v) for v in a[:50]}) > 2
+
+
+@pytest.mark.parametrize("world_size,rank", [(1, 0), (3, 2)])
+def test_resume_yields_the_rest_of_the_epoch_exactly(shards, world_size, rank, monkeypatch):
+    d, _ = shards
+    kw = dict(batch_size=16, rank=rank, world_size=world_size, seed=5, epoch=3, shuffle_buffer=100)
+    full = list(load_batches(d, "train", **kw))
+    read = []
+    orig = loader._Reader.read
+    monkeypatch.setattr(loader._Reader, "read", lambda self, b, s, e, *a: (read.append(e - s), orig(self, b, s, e, *a))[1])
+    for k in (1, 7, len(full) - 1, len(full)):
+        read.clear()
+        rest = list(load_batches(d, "train", **kw, start_batch=k))
+        assert len(rest) == len(full) - k
+        for (x0, y0), (x1, y1) in zip(full[k:], rest):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)
+        # whole windows (< 100 + 37 samples each) before the position are never read
+        assert sum(read) < (len(full) - k) * 16 + 137
+
+
+def test_limit_uses_first_samples_of_the_split(shards):
+    d, _ = shards
+    first = labels_of(load_batches(d, "train", 37, shuffle=False))[:100]  # manifest order
+    got = labels_of(load_batches(d, "train", 10, limit=100, seed=4))
+    assert sorted(got) == sorted(first)
+    assert num_batches(d, "train", 10, limit=100) == 10 == len(list(load_batches(d, "train", 10, limit=100)))
+
+
+def test_batches_do_not_alias_and_cpu_pin_is_ignored(shards):
+    d, x = shards
+    batches = list(load_batches(d, "train", 100, pin_memory=True, device="cpu"))
+    for images, labels in batches:  # held until the end: later windows must not overwrite them
+        np.testing.assert_array_equal(images.numpy(), x[labels.numpy()])
+        assert images.device.type == "cpu"
+
+
+def test_stats_count_samples(shards):
+    d, _ = shards
+    stats: dict = {}
+    n = sum(len(y) for _, y in load_batches(d, "train", 64, stats=stats))
+    assert stats == {"skipped_shards": 0, "samples": n} and n == N // 64 * 64

@@ -1,0 +1,153 @@
+"""The SLURM scripts on a real one-node cluster: preempt a 2-process CPU run, see it requeue and resume.
+
+    pytest -m slow tests/test_slurm.py     # as root, with slurmctld, slurmd, slurm-client and munge
+
+The cluster (tests/slurm_cluster.py) is started once for the module and its daemons are stopped by
+pid at the end. The training job is the project's own slurm/train_cpu.sbatch, submitted with sbatch
+from the repository root exactly as the README says; the uninterrupted reference run is a plain
+``python launch/train.py`` with the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("slurm")
+    c = SlurmCluster(root)
+    # The job runs the interpreter and `accelerate` of this test session, whatever PATH CI has.
+    c.env["PATH"] = f"{Path(sys.executable).parent}:{c.env['PATH']}"
+    c.env["AEDIST_PYTHON"] = sys.executable
+    c.env["WANDB_MODE"] = "offline"
+    c.env["WANDB_SILENT"] = "true"
+    with c:
+        yield c
+
+
+def _shards(out: Path) -> Path:
+    from aedist.data import write_shards
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 2, n).astype(np.int64)
+        x = rng.integers(0, 60, (n, 1, 28, 28)).astype(np.uint8)
+        x[y == 1, :, 8:20, 8:20] += 180  # two visibly different classes; enough for any probe/kNN step
+        return x, y
+
+    write_shards(out, {"train": split(1536), "val": split(128), "test": split(128)}, class_names=["dark", "square"],
+                 samples_per_block=64)
+    return out
+
+
+def _config(tmp: Path, shards: Path) -> Path:
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(
+        f"""
+run: {{dir: {tmp / 'runs'}, name: slurm}}
+data: {{shards: {shards}, batch_size: 16, eval_batch_size: 128, shuffle_buffer: 256}}
+model: {{name: conv_ae, image_size: 28, channels: [8, 16], latent_dim: 2}}
+train: {{epochs: 2, checkpoint_every: 10, keep_last: 2}}
+log: {{wandb: offline, every: 5, probe_size: 16}}
+eval: {{knn_train: 64}}
+"""
+    )
+    return cfg
+
+
+def _wandb_ids(run_dir: Path) -> list[str]:
+    """Run ids of the offline W&B folders ``offline-run-DATE_TIME-ID`` (one per attempt)."""
+    return [m.group(1) for d in sorted((run_dir / "wandb").glob("offline-run-*"))
+            if (m := re.fullmatch(r"offline-run-\d{8}_\d{6}-(\w+)", d.name))]
+
+
+def _complete_checkpoints(run_dir: Path) -> list[Path]:
+    from aedist.checkpoint import is_complete
+
+    return [d for d in (run_dir / "checkpoints").glob("step-*") if is_complete(d)]
+
+
+def _wait(ok, timeout: float, what: str, cluster: SlurmCluster, job: str, log: Path) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if ok():
+            return
+        state = cluster.job(job)
+        if state.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        # SLURM holds a requeued batch job back (BeginTime ~2 min ahead); let it start at once.
+        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+            cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+        time.sleep(0.5)
+    logs = log.read_text(errors="replace")[-6000:] if log.exists() else "(no job log)"
+    raise AssertionError(f"timed out waiting for {what}; job: {cluster.job(job)}\n--- job log\n{logs}\n{cluster.logs()}")
+
+
+def test_preempted_job_requeues_and_resumes(cluster: SlurmCluster, tmp_path: Path) -> None:
+    if not (REPO / "launch" / "train.py").exists():
+        pytest.fail("launch/train.py is missing")
+    cfg = _config(tmp_path, _shards(tmp_path / "shards"))
+    run_dir = tmp_path / "runs" / "slurm"
+    log_glob = "slurm-*.out"
+
+    job = cluster.sbatch(["--output", str(tmp_path / "sbatch-%j.out"), "slurm/train_cpu.sbatch", str(cfg)], cwd=REPO)
+    log = run_dir / f"slurm-{job}.out"
+
+    # Mid-run: a checkpoint exists and training is still going.
+    _wait(lambda: bool(_complete_checkpoints(run_dir)), 120, "the first checkpoint", cluster, job, log)
+    assert not (run_dir / "summary.json").exists(), "the run finished before it could be preempted; make it longer"
+    ids_before = set(_wandb_ids(run_dir))
+    assert len(ids_before) == 1, f"expected one W&B run before preemption, found {ids_before}"
+    checkpointed = {json.loads((d / "state.json").read_text())["wandb_run_id"] for d in _complete_checkpoints(run_dir)}
+    assert checkpointed == ids_before, (checkpointed, ids_before)
+
+    # What SLURM does 120 s before a time limit (--signal=B:USR1@120): USR1 to the batch shell only.
+    r = cluster.scancel("--signal=USR1", "--batch", job)
+    assert r.returncode == 0, r.stderr
+
+    # Meanwhile the uninterrupted reference: same config, another run name, one plain process.
+    plain = subprocess.Popen([sys.executable, "launch/train.py", "--config", str(cfg), "run.name=plain"],
+                             cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait(lambda: int(cluster.job(job).get("Restarts", "0")) >= 1, 60, "the requeue", cluster, job, log)
+        _wait(lambda: cluster.job(job).get("JobState") == "COMPLETED", 150, "the requeued job to finish",
+              cluster, job, log)
+        out, _ = plain.communicate(timeout=150)
+    finally:
+        if plain.poll() is None:
+            plain.kill()
+    assert plain.returncode == 0, out[-4000:]
+
+    text = log.read_text()
+    assert "got USR1" in text and "requeueing job" in text, text[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    reference = json.loads((tmp_path / "runs" / "plain" / "summary.json").read_text())
+    assert summary["completed"] is True
+    assert summary["resumed_from"] and min(summary["resumed_from"]) > 0, summary  # not from step 0
+    assert reference["resumed_from"] == []
+    assert summary["step"] == reference["step"], (summary, reference)
+    # One W&B run across both attempts: the id before the requeue is the id after it.
+    assert summary["wandb_run_id"] in ids_before, (summary["wandb_run_id"], ids_before)
+    ids_after = _wandb_ids(run_dir)
+    assert len(ids_after) >= 2 and set(ids_after) == ids_before, ids_after
+    assert sorted(run_dir.glob(log_glob)) == [log]  # the job's output went to the run folder
