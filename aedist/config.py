@@ -191,6 +191,11 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _fail(key, value, "expected an integer")
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _fail(key, value, "expected a number")
         value = float(value)

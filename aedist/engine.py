@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from aedist.benchmarks import vm_hwm_mb
 from aedist.checkpoint import TrainState, find_resume, load_checkpoint, save_checkpoint
 from aedist.config import Config, save_config
 from aedist.data import corrupt, load_batches, num_batches, read_manifest
@@ -35,6 +39,8 @@ from aedist.optim import build_optimizer, build_scheduler
 from aedist.tracking import Tracker, new_run_id, trackers_for
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, run me again" (slurm/ requeues on it)
+# Fault injection for tests and drills: AEDIST_INJECT_NAN="RANK:STEP" makes that rank's loss NaN at that step.
+INJECT_NAN = os.environ.get("AEDIST_INJECT_NAN", "")
 
 
 class Diverged(RuntimeError):
@@ -85,6 +91,9 @@ class Trainer:
         self.state = self._resume_or_start()
         if acc.is_main_process:
             save_config(cfg, cfg.run_dir / "config.yaml")
+            launcher = ["python"] if self.world == 1 else ["accelerate", "launch", "--num_processes", str(self.world)]
+            with open(cfg.run_dir / "command.txt", "a") as fh:  # every (re)start, as typed, for the report
+                fh.write(shlex.join(launcher + sys.argv) + "\n")
         self.tracker = Tracker(acc, cfg, self.state.wandb_run_id)
         self.stop = _StopFlag()
 
@@ -135,6 +144,8 @@ class Trainer:
                 if cfg.train.channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
                 terms = compute_loss(self.model(inputs), to_model(targets, cfg), cfg.loss)
+                if INJECT_NAN == f"{self.rank}:{s.step + 1}":
+                    terms["loss"] = terms["loss"] * float("nan")
                 acc.backward(terms["loss"])
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / cfg.train.grad_accum
@@ -267,7 +278,7 @@ class Trainer:
             "completed": True, "step": s.step, "epoch": s.epoch, "wandb_run_id": s.wandb_run_id,
             "resumed_from": s.resumed_from, "best_val": s.best_val, "best_epoch": s.best_epoch,
             "train_seconds": s.train_seconds, "img_per_s": s.images_seen / max(s.train_seconds, 1e-9),
-            "world_size": self.world, **getattr(self, "final_metrics", {}),
+            "world_size": self.world, "peak_rss_mb": vm_hwm_mb(), **getattr(self, "final_metrics", {}),
         }
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.accelerator.print(f"done: step {s.step}; run folder {self.cfg.run_dir} (figures/, metrics.jsonl, wandb/)")

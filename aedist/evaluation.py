@@ -49,13 +49,16 @@ def eval_batches(cfg: Config, accelerator: Accelerator, split: str, limit: int =
 def evaluate_split(model: nn.Module, cfg: Config, accelerator: Accelerator, split: str) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
     """Loss terms (training corruption applied), clean-input metrics and one metric set per
     ``eval.corruptions`` entry (plus the corrupted inputs' own error, ``…/input_mse`` etc.).
-    Returns the flat metrics and the (latents [N,D], labels [N]) of clean inputs gathered on all ranks.
+    Returns the flat metrics and, gathered from all ranks, the latents [N,D] of clean inputs
+    (key ``"clean"``) and of each corruption's *decoded* outputs re-encoded (key = its name), plus
+    the labels [N]: a kNN on these tells whether decoding a corrupted image kept its class.
     """
     was_training = model.training
     model.eval()
     loss_sums: dict[str, float] = {}
     tallies: dict[str, dict[str, torch.Tensor]] = {}
-    latents, labels = [], []
+    latents: dict[str, list[np.ndarray]] = {"clean": []}
+    labels: list[np.ndarray] = []
 
     def tally(name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
         tallies[name] = metrics.accumulate(tallies.get(name), metrics.batch_sums(pred, target))
@@ -70,12 +73,14 @@ def evaluate_split(model: nn.Module, cfg: Config, accelerator: Accelerator, spli
         loss_sums["n"] = loss_sums.get("n", 0.0) + x.shape[0]
         clean: AEOutput = model(to_model(x, cfg))
         tally(split, to_pixels(clean.recon.float(), cfg), x)
-        latents.append(clean.z.float().cpu().numpy())
+        latents["clean"].append(clean.z.float().cpu().numpy())
         labels.append(y.cpu().numpy())
         for name, spec in cfg.eval.corruptions.items():
             c_in, c_tgt, _ = corrupt(x, spec, gen)
-            tally(f"{split}_{name}", to_pixels(model(to_model(c_in, cfg)).recon.float(), cfg), c_tgt)
+            c_out = model(to_model(c_in, cfg)).recon
+            tally(f"{split}_{name}", to_pixels(c_out.float(), cfg), c_tgt)
             tally(f"{split}_{name}/input", c_in.float(), c_tgt)
+            latents.setdefault(name, []).append(model.encode(c_out).float().cpu().numpy())
     model.train(was_training)
 
     # One all-reduce for every sum: ranks may hold different numbers of batches, never different keys.
@@ -94,14 +99,21 @@ def evaluate_split(model: nn.Module, cfg: Config, accelerator: Accelerator, spli
         if name.endswith("/input"):  # "test_rotated/input/mse" reads better as "test_rotated/input_mse"
             fin = {k.replace("/input/", "/input_"): v for k, v in fin.items()}
         out_metrics.update(fin)
-    z = np.concatenate(gather_object([np.concatenate(latents)]) if latents else [np.zeros((0, 1))])
-    lab = np.concatenate(gather_object([np.concatenate(labels)]) if labels else [np.zeros(0)])
-    return out_metrics, (z, lab)
+    gathered = {k: _gather(v) for k, v in latents.items()}
+    return out_metrics, (gathered, _gather(labels))
+
+
+def _gather(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate this rank's arrays, then every rank's, in rank order."""
+    return np.concatenate(gather_object([np.concatenate(parts)]))
 
 
 @torch.no_grad()
-def knn_metric(model: nn.Module, cfg: Config, accelerator: Accelerator, test: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
-    """kNN class accuracy: fit on latents of the first ``eval.knn_train`` train images, score on test."""
+def knn_metric(model: nn.Module, cfg: Config, accelerator: Accelerator,
+               test: tuple[dict[str, np.ndarray], np.ndarray]) -> dict[str, float]:
+    """kNN class accuracy: fit on latents of the first ``eval.knn_train`` train images, score on test
+    latents (``test/knn_acc``) and on re-encoded decodes of corrupted test images
+    (``test_NAME/decoded_class_acc``: does the decoded image keep its class?)."""
     model.eval()
     zs, ys = [], []
     for images, y in eval_batches(cfg, accelerator, "train", cfg.eval.knn_train):
@@ -110,10 +122,14 @@ def knn_metric(model: nn.Module, cfg: Config, accelerator: Accelerator, test: tu
     model.train()
     train_z = np.concatenate(gather_object([np.concatenate(zs)]))
     train_y = np.concatenate(gather_object([np.concatenate(ys)]))
-    if len(np.unique(train_y)) < 2 or len(test[0]) == 0:
+    latents, test_y = test
+    if len(np.unique(train_y)) < 2 or len(test_y) == 0:
         return {}
-    acc = metrics.knn_accuracy(train_z, train_y, test[0], test[1], k=cfg.eval.knn_k)
-    return {"test/knn_acc": acc}
+    out = {"test/knn_acc": metrics.knn_accuracy(train_z, train_y, latents["clean"], test_y, k=cfg.eval.knn_k)}
+    for name, z in latents.items():
+        if name != "clean":
+            out[f"test_{name}/decoded_class_acc"] = metrics.knn_accuracy(train_z, train_y, z, test_y, k=cfg.eval.knn_k)
+    return out
 
 
 def load_probe(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +150,7 @@ def _uses_rotation(cfg: Config) -> bool:
 
 @torch.no_grad()
 def draw_figures(model: nn.Module, cfg: Config, probe: tuple[torch.Tensor, torch.Tensor],
-                 test_latents: tuple[np.ndarray, np.ndarray], class_names: list[str], full: bool) -> dict[str, np.ndarray]:
+                 test_latents: tuple[dict[str, np.ndarray], np.ndarray], class_names: list[str], full: bool) -> dict[str, np.ndarray]:
     """The figure set on the probe; ``full`` adds the slower t-SNE views (last epoch, evaluate.py)."""
     model.eval()
     x, y = probe
@@ -152,7 +168,7 @@ def draw_figures(model: nn.Module, cfg: Config, probe: tuple[torch.Tensor, torch
         e_in, _, _ = corrupt(show, spec, make_generator(cfg.train.seed, 0, EVAL_STEP - 2, dev))
         figs[f"figures/recon_{name}"] = visuals.recon_grid(show, e_in[: len(show)], recon(e_in[: len(show)]))
 
-    z, labels = test_latents
+    z, labels = test_latents[0]["clean"], test_latents[1]
     if len(z) and z.shape[1] == 2:
         figs["figures/latent"] = visuals.latent_scatter(z, labels, class_names)
     elif len(z):

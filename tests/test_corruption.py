@@ -11,6 +11,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from aedist.data.corruption import (
+    _rot90_gather,
     corrupt,
     gaussian_noise,
     jigsaw,
@@ -52,6 +53,13 @@ def test_rot90_op_equals_torch_rot90_per_sample() -> None:
     for i in range(len(x)):
         assert torch.equal(inputs[i], torch.rot90(x[i], int(k[i]), (-2, -1)))
     assert targets is x
+
+
+def test_rot90_gather_path_equals_grouped_path() -> None:
+    """The accelerator path (one gather, no host sync) gives the CPU path's result."""
+    x = images(16, c=3, h=9)
+    k = torch.arange(16) % 4
+    assert torch.equal(_rot90_gather(x, k), rot90(x, k))
 
 
 def test_rot90_rejects_non_square() -> None:
@@ -117,21 +125,23 @@ def test_rotate_fill_outside() -> None:
 # ----------------------------------------------------------------------------- jigsaw
 
 
-def test_jigsaw_is_recorded_patch_permutation_and_inverse_restores() -> None:
-    g, p = 4, 7
-    x = images(6)
+@pytest.mark.parametrize(("shape", "g"), [((28, 28), 4), ((12, 20), 4), ((96, 96), 8)])
+def test_jigsaw_is_recorded_patch_permutation_and_inverse_restores(shape: tuple[int, int], g: int) -> None:
+    (h, w), b = shape, 6
+    ph, pw = h // g, w // g
+    x = images(b, c=2, h=h, w=w)
     inputs, targets, params = corrupt(x, [{"jigsaw": {"grid": g}}], gen())
     perm = params["jigsaw"]["perm"]
-    assert perm.shape == (6, g * g) and params["jigsaw"]["grid"] == g
-    assert torch.equal(perm.sort(dim=1).values, torch.arange(g * g).expand(6, -1))
-    # Independent patch view via unfold: [B, C, g, g, p, p] -> [B, g*g, C, p, p].
+    assert perm.shape == (b, g * g) and params["jigsaw"]["grid"] == g
+    assert torch.equal(perm.sort(dim=1).values, torch.arange(g * g).expand(b, -1))
+    # Independent patch view via unfold: [B, C, g, g, ph, pw] -> [B, g*g, C, ph, pw].
     def tiles(t: torch.Tensor) -> torch.Tensor:
-        return t.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(len(t), g * g, -1, p, p)
+        return t.unfold(2, ph, ph).unfold(3, pw, pw).permute(0, 2, 3, 1, 4, 5).reshape(b, g * g, -1, ph, pw)
 
     src, dst = tiles(x), tiles(inputs)
-    for b in range(len(x)):
+    for i in range(b):
         for j in range(g * g):
-            assert torch.equal(dst[b, j], src[b, perm[b, j]])
+            assert torch.equal(dst[i, j], src[i, perm[i, j]])
     assert not torch.equal(inputs, x)
     assert torch.equal(jigsaw_inverse(inputs, perm, g), x)
     assert targets is x
@@ -224,6 +234,11 @@ def test_bfloat16_matches_float32(spec: list) -> None:
     assert out16.min() >= 0 and out16.max() <= 1
     if not any("gaussian_noise" in e for e in spec):  # noise is drawn in bf16: another stream
         torch.testing.assert_close(out16.float(), out32, atol=2e-2, rtol=0)
+
+
+def test_integer_images_rejected() -> None:
+    with pytest.raises(TypeError, match="float"):
+        corrupt(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), [{"rot90": {}}], gen())
 
 
 def test_empty_spec_is_identity() -> None:

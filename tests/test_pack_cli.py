@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import struct
 import subprocess
 import sys
@@ -13,12 +14,28 @@ import pytest
 
 from aedist.data.loader import load_batches
 from aedist.data.shards import read_manifest
+from aedist.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("pack_cli", ROOT / "launch/pack.py")
+pack_cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pack_cli)
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch/pack.py"), *args], capture_output=True, text=True, cwd=ROOT)
+@pytest.fixture
+def cli(capsys):
+    """Run launch/pack.py's main through run_cli in this process (a subprocess costs ~2 s of imports)."""
+
+    def call(*args: str, main=pack_cli.main) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            run_cli(main, list(args))
+        except SystemExit as stop:
+            code = stop.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+    return call
 
 
 def one_line_error(res: subprocess.CompletedProcess, needle: str) -> None:
@@ -43,7 +60,7 @@ def idx_dir(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
     return d, *arrays["train"]
 
 
-def test_pack_classes_val_idempotent_and_force(tmp_path, idx_dir):
+def test_pack_classes_val_idempotent_and_force(tmp_path, idx_dir, cli):
     src, x, y = idx_dir
     out = tmp_path / "f4"
     args = ["fashion-mnist", "--source", str(src), "--out", str(out), "--classes", "1,3,5,8", "--samples-per-block", "16"]
@@ -70,7 +87,7 @@ def test_pack_classes_val_idempotent_and_force(tmp_path, idx_dir):
     assert read_manifest(out).splits["test"].num_samples == 40
 
 
-def test_colored_mnist_cli(tmp_path, idx_dir):
+def test_colored_mnist_cli(tmp_path, idx_dir, cli):
     src, _, _ = idx_dir
     res = cli("colored-mnist", "--base", "fashion-mnist", "--source", str(src), "--out", str(tmp_path / "c"), "--val-fraction", "0")
     assert res.returncode == 0, res.stderr
@@ -78,14 +95,16 @@ def test_colored_mnist_cli(tmp_path, idx_dir):
     assert m.shape == (3, 28, 28) and set(m.splits) == {"train", "test"} and m.source["base"] == "fashion-mnist"
 
 
-def test_user_mistakes_exit_2_one_line(tmp_path):
-    one_line_error(cli("mnist", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o")), "--source")
+def test_user_mistakes_exit_2_one_line(tmp_path, cli):
+    real = subprocess.run([sys.executable, "launch/pack.py", "mnist", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=ROOT)  # the real entry script, once
+    one_line_error(real, "--source")
     one_line_error(cli("stl10", "--out", str(tmp_path / "o")), "stl10_binary")
     one_line_error(cli("fashion-mnist", "--out", str(tmp_path / "o"), "--classes", "1,x"), "--classes")
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate"])
-def test_reading_a_bad_shard_from_a_cli_exits_2_naming_it(tmp_path, idx_dir, how):
+def test_reading_a_bad_shard_from_a_cli_exits_2_naming_it(tmp_path, idx_dir, how, cli):
     src, _, _ = idx_dir
     out = tmp_path / "s"
     assert cli("mnist", "--source", str(src), "--out", str(out), "--samples-per-block", "16").returncode == 0
@@ -93,6 +112,5 @@ def test_reading_a_bad_shard_from_a_cli_exits_2_naming_it(tmp_path, idx_dir, how
     data = bytearray(shard.read_bytes())
     data = data[: len(data) - 700] if how == "truncate" else data[:5000] + bytes([data[5000] ^ 1]) + data[5001:]
     shard.write_bytes(bytes(data))
-    code = "from aedist.errors import run_cli; from aedist.data.loader import load_batches; run_cli(lambda a: sum(1 for _ in load_batches(a[0])) and 0)"
-    res = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=ROOT)
+    res = cli(str(out), main=lambda a: sum(1 for _ in load_batches(a[0], batch_size=8)) and 0)
     one_line_error(res, "train-000000.tar")

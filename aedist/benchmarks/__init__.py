@@ -27,6 +27,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def vm_hwm_mb() -> float:
+    """This process's own peak RSS in MiB from /proc (ru_maxrss would include what a fork inherited)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 def median_rate(fn: Callable[[], int], repeats: int = 5, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:
     """Median items/s over ``repeats`` calls of ``fn`` (which returns how many items it processed)."""
     for _ in range(warmup):

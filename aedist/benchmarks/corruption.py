@@ -3,6 +3,8 @@
 For every op and two batch shapes (256x1x28x28, 64x3x96x96) it times the batched on-device op and
 the per-sample loop a torchvision Dataset would run (one transform call per image, then a stack),
 on CPU and, where CUDA is present, on the GPU. img/s counts input images (before ``copies``).
+Run it on an idle machine: the batched ops use all intra-op threads, and a busy core stalls them
+far more than the single-threaded per-sample loop, so ratios under load understate the gain.
 """
 
 from __future__ import annotations

@@ -134,6 +134,14 @@ def rotate(x: Tensor, angles_deg: Tensor, fill: float = 0.0) -> Tensor:
     return _rotated(x, angles_deg.view(-1, 1), fill).to(x.dtype)
 
 
+def _rot90_gather(x: Tensor, k: Tensor) -> Tensor:
+    """rot90 as one gather through a per-turn pixel map: no nonzero(), so no host sync on GPUs."""
+    b, c, h, w = x.shape
+    base = torch.arange(h * w, device=x.device).view(h, w)
+    maps = torch.stack([torch.rot90(base, j, (0, 1)).reshape(-1) for j in range(4)])  # [4, H*W]
+    return x.reshape(b, c, h * w).gather(2, maps[k].unsqueeze(1).expand(b, c, h * w)).view_as(x)
+
+
 def rot90(x: Tensor, k: Tensor) -> Tensor:
     """Rotate image i by ``k[i]`` quarter turns, equal to ``torch.rot90(x[i], k[i], (-2, -1))``.
 
@@ -142,9 +150,11 @@ def rot90(x: Tensor, k: Tensor) -> Tensor:
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"rot90 needs square images, got {x.shape[-2]}x{x.shape[-1]}")
     k = k.to(x.device) % 4
+    if x.device.type != "cpu":
+        return _rot90_gather(x, k)
     out = torch.empty_like(x)
     # One group per quarter turn: four index_select/rot90/index_copy rounds, whatever the batch
-    # size, and no index tensor as large as the batch (a per-pixel gather is 2-4x slower on CPU).
+    # size; on CPU 2-4x faster than _rot90_gather (whose index is as large as the batch).
     for j in range(4):
         idx = (k == j).nonzero().squeeze(1)
         out.index_copy_(0, idx, torch.rot90(x.index_select(0, idx), j, (-2, -1)))
@@ -156,15 +166,21 @@ def jigsaw(x: Tensor, perm: Tensor, grid: int) -> Tensor:
 
     x: [B, C, H, W] with grid dividing H and W; perm: [B, grid*grid]. Returns [B, C, H, W].
     """
-    b, _, h, w = x.shape
+    b, c, h, w = x.shape
     if h % grid or w % grid:
         raise ValueError(f"jigsaw grid {grid} must divide the image size {h}x{w}")
-    n = grid * grid
-    patches = rearrange(x, "b c (g1 p1) (g2 p2) -> (b g1 g2) c p1 p2", g1=grid, g2=grid)
-    # Whole patches as rows of one index_select: a [B*N] index, memcpy-like row copies; 1.6-1.9x
-    # faster on CPU than a gather over the 5-D patch view with a per-element index.
-    rows = (perm.to(x.device) + torch.arange(b, device=x.device).view(b, 1) * n).view(-1)
-    return rearrange(patches.index_select(0, rows), "(b g1 g2) c p1 p2 -> b c (g1 p1) (g2 p2)", g1=grid, g2=grid)
+    ph, pw = h // grid, w // grid
+    dev = x.device
+    # A patch is ph runs of pw contiguous pixels ("segments"), so the whole shuffle is one
+    # index_select of segments with a [B*C*H*grid] index: one pass over the pixels, 1-2.5x faster
+    # on CPU than gathering patches out of a 5-D view and copying them back.
+    r = torch.arange(h, device=dev)
+    slot = (r // ph).view(h, 1) * grid + torch.arange(grid, device=dev)  # [H, grid] output patch
+    src = perm.to(dev)[:, slot.view(-1)].view(b, 1, h, grid)  # source patch of each segment
+    row = (src // grid) * ph + (r % ph).view(1, 1, h, 1)  # source image row
+    idx = (torch.arange(b * c, device=dev).view(b, c, 1, 1) * h + row) * grid + src % grid
+    segments = rearrange(x, "b c h (g2 pw) -> (b c h g2) pw", pw=pw)
+    return rearrange(segments.index_select(0, idx.view(-1)), "(b c h g2) pw -> b c h (g2 pw)", b=b, c=c, h=h)
 
 
 def jigsaw_inverse(x: Tensor, perm: Tensor, grid: int) -> Tensor:
@@ -215,6 +231,8 @@ def corrupt(x: Tensor, spec: list[dict], generator: torch.Generator | None = Non
     ``perm`` [B', grid*grid], ``seed`` (int) — device tensors, no host sync except the noise seed.
     """
     spec = validate_spec(spec)
+    if spec and not x.is_floating_point():
+        raise TypeError(f"corrupt needs float images in [0, 1], got {x.dtype}; convert with x.float() / 255")
     inputs, targets, params = x, x, {}
     dev = x.device
     for i, entry in enumerate(spec):

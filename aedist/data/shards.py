@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import tarfile
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +212,6 @@ def write_shards(
 _MANIFESTS: dict[tuple[str, float], Manifest] = {}
 _VERIFIED: dict[tuple[str, int, int], bool] = {}
 _INDEX: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
-_LOCK = threading.Lock()
 
 
 def read_manifest(shards_dir: str | Path) -> Manifest:
@@ -279,8 +277,7 @@ def verify_shard(m: Manifest, shard: ShardInfo) -> None:
                         f"re-make it with {pack_command(m.root)} --force")
     if shard.sha256 and file_sha256(path) != shard.sha256:
         raise UserError(f"shard {path} is corrupt (sha256 mismatch); re-make it with {pack_command(m.root)} --force")
-    with _LOCK:
-        _VERIFIED[key] = True
+    _VERIFIED[key] = True
 
 
 def block_offsets(m: Manifest, shard: ShardInfo) -> list[tuple[int, int]]:
@@ -312,8 +309,7 @@ def block_offsets(m: Manifest, shard: ShardInfo) -> list[tuple[int, int]]:
         raise UserError(f"shard {path} is truncated or unreadable ({err}); re-make it with {pack_command(m.root)} --force") from None
     if out and out[-1][1] + 8 * shard.blocks[-1] > st.st_size:
         raise UserError(f"shard {path} is truncated; re-make it with {pack_command(m.root)} --force")
-    with _LOCK:
-        _INDEX[key] = out
+    _INDEX[key] = out
     return out
 
 

@@ -1,0 +1,190 @@
+"""Evaluate finished runs (eval.json + figures) and write the results report.
+
+    python launch/evaluate.py runs/NAME          # -> runs/NAME/eval.json, runs/NAME/figures/
+    python launch/report.py runs/* --out docs/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from aedist import metrics
+from aedist.checkpoint import newest_checkpoint, read_state
+from aedist.config import config_from_dict
+from aedist.data import read_manifest
+from aedist.errors import UserError
+from aedist.evaluation import draw_figures, evaluate_split, knn_metric, load_probe
+from aedist.models import build_model
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | None = None, wandb: bool = True) -> Path:
+    """Metrics and figures of a run's checkpoint; returns the path of the eval.json it wrote."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise UserError(f"{run} is not a run folder (no config.yaml); pass runs/NAME as made by launch/train.py")
+    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    cfg.run.dir, cfg.run.name = str(run.parent), run.name
+    folder = run / "checkpoints" / checkpoint if checkpoint else newest_checkpoint(run / "checkpoints")
+    if folder is None or not (folder / "COMPLETE").exists():
+        raise UserError(f"{run} has no complete checkpoint{' ' + checkpoint if checkpoint else ''}; train it first")
+    state = read_state(folder)
+    if state.model_hash != cfg.model_hash():
+        raise UserError(f"checkpoint {folder} was written by a different model than {run}/config.yaml describes")
+    if not wandb:
+        cfg.log.wandb = "disabled"
+    acc = Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available())
+    model = build_model(cfg.model).to(acc.device)
+    model.load_state_dict(load_file(folder / "model.safetensors", device=str(acc.device)))
+    model.eval()
+
+    values, latents = evaluate_split(model, cfg, acc, split)
+    values.update(knn_metric(model, cfg, acc, latents))
+    z = torch.from_numpy(latents[0]["clean"])
+    values.update({f"{split}/latent_{k}": v for k, v in metrics.latent_gaussianity(z).items()})
+    values.update({"checkpoint_step": state.step, "epoch": state.epoch})
+    out = run / "eval.json"
+    out.write_text(json.dumps(values, indent=2))
+
+    from aedist.tracking import Tracker
+
+    tracker = Tracker(acc, cfg, state.wandb_run_id)  # the training run's W&B id: same run, resumed
+    figs = draw_figures(model, cfg, load_probe(cfg, acc.device), latents, read_manifest(cfg.data.shards).classes, full=True)
+    # W&B drops history rows whose step is below the run's last one, so evaluation logs one step later.
+    tracker.log({f"eval/{k}": v for k, v in values.items()}, step=state.step + 1, epoch=state.epoch)
+    tracker.log_images({k.replace("figures/", "eval/"): v for k, v in figs.items()}, step=state.step + 1, epoch=state.epoch)
+    tracker.close()
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+COLUMNS = ["run", "dataset", "epochs", "test MSE", "PSNR / SNR dB", "corrupted-input MSE", "kNN acc", "wall", "img/s"]
+
+
+def _load_run(run: Path) -> dict:
+    """config + summary + eval of one run folder (eval.json wins over the end-of-training numbers)."""
+    info = {"name": run.name, "path": run, "config": yaml.safe_load((run / "config.yaml").read_text())}
+    for part in ("summary", "eval"):
+        path = run / f"{part}.json"
+        info[part] = json.loads(path.read_text()) if path.exists() else {}
+    info["values"] = {**info["summary"], **info["eval"]}
+    cmd = run / "command.txt"  # one line per (re)start; the first is how the run was launched
+    info["command"] = cmd.read_text().splitlines()[0] if cmd.exists() else ""
+    return info
+
+
+def _fmt(v: float | None, spec: str = ".4f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _row(info: dict) -> list[str]:
+    v, cfg = info["values"], info["config"]
+    corrupted = [(k.split("/")[0].removeprefix("test_"), x) for k, x in sorted(v.items())
+                 if k.startswith("test_") and k.endswith("/mse") and "/input" not in k]
+    shards = Path(cfg["data"]["shards"]).name
+    return [
+        info["name"], shards, str(v.get("epoch", "–")), _fmt(v.get("test/mse")),
+        f"{_fmt(v.get('test/psnr_db'), '.2f')} / {_fmt(v.get('test/snr_db'), '.2f')}",
+        ", ".join(f"{name} {_fmt(x)}" for name, x in corrupted) or "–",
+        _fmt(v.get("test/knn_acc"), ".3f"),
+        f"{v['train_seconds'] / 60:.1f} min" if "train_seconds" in v else "–",
+        _fmt(v.get("img_per_s"), ",.0f"),
+    ]
+
+
+def _claims(runs: dict[str, dict]) -> list[str]:
+    """The seeds' claims, checked with numbers from whichever runs are present."""
+    out = []
+
+    def get(name: str, key: str) -> float | None:
+        return runs.get(name, {}).get("values", {}).get(key)
+
+    def claim(text: str, ok: bool, detail: str) -> None:
+        out.append(f"- {'holds' if ok else '**does not hold**'}: {text} ({detail})")
+
+    a, b = get("fashion_rotated", "test_rotated/mse"), get("fashion_baseline", "test_rotated/mse")
+    if a is not None and b is not None:
+        claim("seed 000: training on rotated copies lowers the error on rotated test inputs", a < 0.8 * b,
+              f"rotated-input MSE {a:.4f} vs baseline {b:.4f}, ratio {a / b:.2f}")
+    a, b = get("fashion_rotated", "test_rotated/decoded_class_acc"), get("fashion_baseline", "test_rotated/decoded_class_acc")
+    if a is not None and b is not None:
+        claim("seed 000: decoded rotated images keep their class (kNN on train latents of clean images)", a > b,
+              f"class kept {a:.3f} (rotation-trained) vs {b:.3f} (baseline)")
+    for name, info in sorted(runs.items()):
+        v = info["values"]
+        if "test_noisy/snr_db" in v and "test_noisy/input_snr_db" in v:
+            claim(f"{name}: the denoised output's SNR beats the noisy input's", v["test_noisy/snr_db"] > v["test_noisy/input_snr_db"],
+                  f"{v['test_noisy/snr_db']:.2f} dB vs {v['test_noisy/input_snr_db']:.2f} dB")
+    for vae, ae in [("fashion_vae", "fashion_ae"), ("colored_denoise_vae", "colored_denoise_ae")]:
+        a, b = get(vae, "test/latent_kl"), get(ae, "test/latent_kl")
+        if a is not None and b is not None:
+            claim(f"{vae}: the VAE's latent is closer to N(0, I) than {ae}'s", a < b,
+                  f"KL of a fitted diagonal Gaussian to N(0, I): {a:.3f} vs {b:.3f}")
+    return out
+
+
+def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """One Markdown table over the runs, the claims check, key figures and the exact commands."""
+    from aedist import visuals
+
+    out = Path(out)
+    fig_dir = out.parent / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for r in run_dirs:
+        r = Path(r)
+        if (r / "config.yaml").exists():
+            runs[r.name] = _load_run(r)
+    if not runs:
+        raise UserError("no run folders given (each needs config.yaml); pass runs/NAME ...")
+    lines = ["# Results", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_row(info)) + " |" for info in runs.values()]
+    lines += ["", "## Claims of the seeds, checked", "", *(_claims(runs) or ["- (no run pair to compare)"]), ""]
+    curves = {name: c for name, info in runs.items() if (c := _curves(info["path"]))}
+    if len(curves) > 1:
+        visuals.save_png(visuals.loss_curves(curves, "train / val / test loss"), fig_dir / "loss_curves.png")
+        lines += ["## Loss curves", "", "![loss curves](figures/loss_curves.png)", ""]
+    lines += ["## Figures", ""]
+    for name in runs:
+        figs = sorted((runs[name]["path"] / "figures").glob("*.png"))
+        latest: dict[str, Path] = {}
+        for f in figs:
+            latest[f.stem.rsplit("_epoch", 1)[0]] = f  # sorted, so the last epoch wins
+        keep = [k for k in ("eval_recon", "eval_recon_rotated", "eval_rotation_panel", "eval_latent", "eval_latent_tsne",
+                            "eval_interpolation", "eval_recon_noisy", "eval_recon_rot90", "eval_recon_jigsaw",
+                            "eval_prior_samples") if k in latest]
+        if keep:
+            lines.append(f"**{name}**")
+            lines.append("")
+            for k in keep:
+                dst = fig_dir / f"{name}_{k.removeprefix('eval_')}.png"
+                dst.write_bytes(latest[k].read_bytes())
+                lines.append(f"![{name} {k}](figures/{dst.name})")
+            lines.append("")
+    lines += ["## Exact commands", "", "```"] + [info["command"] for info in runs.values() if info["command"]] + ["```", ""]
+    out.write_text("\n".join(lines))
+    return out
+
+
+def _curves(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch train/val/test loss from metrics.jsonl."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    curves: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": [], "test/loss": []}
+    last_train: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row and isinstance(row["train/loss"], float):
+            last_train[row["epoch"]] = row["train/loss"]
+        for key in ("val/loss", "test/loss"):
+            if isinstance(row.get(key), float):
+                curves[key].append((row["epoch"], row[key]))
+    curves["train/loss"] = sorted(last_train.items())
+    return {k: v for k, v in curves.items() if v}

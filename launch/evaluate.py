@@ -1,0 +1,30 @@
+"""Evaluate a run's newest complete checkpoint: metrics to eval.json, figures to figures/ and W&B.
+
+    python launch/evaluate.py runs/fashion_rotated [--split test] [--checkpoint best]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from aedist.errors import run_cli
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run folder made by launch/train.py (holds config.yaml and checkpoints/)")
+    parser.add_argument("--split", default="test", choices=["test", "val"], help="split to measure")
+    parser.add_argument("--checkpoint", default=None, help="checkpoint folder name (default: newest complete step-N)")
+    parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
+    args = parser.parse_args(argv)
+
+    from aedist.report import evaluate_run
+
+    out = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, wandb=not args.no_wandb)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

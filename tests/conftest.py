@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny synthetic shards written with the project's own writer."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def make_images(n: int, channels: int = 1, size: int = 28, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable synthetic images: a bright square whose position and size depend on the class."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, size=n).astype(np.int64)
+    x = (rng.random((n, channels, size, size)) * 40).astype(np.uint8)
+    for c in range(4):
+        idx = labels == c
+        lo, hi = size // 8 + c * size // 8, size // 2 + c * size // 8
+        x[idx, :, lo:hi, size // 4: size // 4 + (c + 2) * size // 10] = 220
+    return x, labels
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """256 train / 64 val / 64 test 1x28x28 images in 4 classes, blocks of 32 (so ranks split blocks)."""
+    from aedist.data import write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "tiny"
+    write_shards(out, {"train": make_images(256, seed=1), "val": make_images(64, seed=2), "test": make_images(64, seed=3)},
+                 class_names=["a", "b", "c", "d"], samples_per_block=32, blocks_per_shard=4, seed=0)
+    return out
+
+
+def run_py(args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 600):
+    """Run a Python entry point of the project as a user would, capturing its output."""
+    import subprocess
+
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

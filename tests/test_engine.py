@@ -1,0 +1,196 @@
+"""Training engine: DDP exactness through `accelerate launch` (2 gloo processes), kill-and-resume
+exactness, preemption signals, NaN agreement across ranks, atomic checkpoints, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_py
+
+pytestmark = pytest.mark.slow
+ACCEL_2 = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+def write_config(tmp: Path, shards: Path, name: str, **sections: dict) -> Path:
+    base = {
+        "run": {"name": name, "dir": str(tmp / "runs")},
+        "data": {"shards": str(shards), "batch_size": 64, "eval_batch_size": 64},
+        "model": {"channels": [8, 16, 32], "latent_dim": 4},
+        "train": {"epochs": 2, "seed": 3},
+        "log": {"wandb": "disabled", "every": 1, "probe_size": 16},
+        "eval": {"knn_train": 64},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def weights(run: Path, ckpt: str | None = None) -> dict[str, torch.Tensor]:
+    root = run / "checkpoints"
+    folder = root / ckpt if ckpt else max((p for p in root.glob("step-*")), key=lambda p: int(p.name[5:]))
+    return load_file(folder / "model.safetensors")
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def train(cfg: Path, *extra: str, procs: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    args = ([*ACCEL_2] if procs == 2 else []) + ["launch/train.py", "--config", str(cfg), *extra]
+    return run_py(args, env=env)
+
+
+@pytest.mark.parametrize("precision, accum, tol", [("no", 1, 1e-6), ("no", 2, 1e-6), ("bf16", 1, 2e-2)])
+def test_ddp_sgd_step_matches_single_process(tmp_path: Path, tiny_shards: Path, precision: str, accum: int, tol: float) -> None:
+    # The global batch is the whole train split (256), so 1 and 2 ranks see the same samples.
+    common = {"data": {"batch_size": 256}, "optim": {"name": "sgd", "lr": 0.5},
+              "train": {"max_steps": 1, "epochs": 1, "mixed_precision": precision}}
+    one = write_config(tmp_path, tiny_shards, "one", **common)
+    two = write_config(tmp_path, tiny_shards, "two", **common)
+    p1 = train(one, f"train.grad_accum={accum}")
+    p2 = train(two, procs=2)
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    w1, w2 = weights(tmp_path / "runs/one"), weights(tmp_path / "runs/two")
+    init = write_config(tmp_path, tiny_shards, "init", **{**common, "optim": {"name": "sgd", "lr": 0.0}})
+    assert train(init).returncode == 0
+    assert max_diff(w1, weights(tmp_path / "runs/init")) > 1e-4  # the step really moved the weights
+    assert max_diff(w1, w2) <= tol
+    assert json.loads((tmp_path / "runs/two/summary.json").read_text())["world_size"] == 2
+
+
+def test_two_process_run_reaches_single_process_val_loss(tmp_path: Path, tiny_shards: Path) -> None:
+    common = {"train": {"epochs": 6}, "log": {"wandb": "disabled", "every": 4}}
+    p1 = train(write_config(tmp_path, tiny_shards, "one", **common))
+    p2 = train(write_config(tmp_path, tiny_shards, "two", **common), procs=2)
+    assert p1.returncode == 0 and p2.returncode == 0, p2.stderr[-2000:]
+    v1 = json.loads((tmp_path / "runs/one/summary.json").read_text())["val/loss"]
+    v2 = json.loads((tmp_path / "runs/two/summary.json").read_text())["val/loss"]
+    assert abs(v2 - v1) / v1 <= 0.05, (v1, v2)
+
+
+def _slow_resumable(tmp: Path, shards: Path, name: str) -> Path:
+    # ~200 small steps, checkpoints every 20; no per-epoch evaluation so the run is only steps.
+    return write_config(tmp, shards, name, data={"batch_size": 32}, model={"channels": [16, 32, 64], "latent_dim": 4},
+                        corruption=[{"rotate": {"max_degrees": 45}}],
+                        train={"epochs": 25, "checkpoint_every": 20, "eval_every": 1000, "keep_last": 3},
+                        log={"wandb": "disabled", "every": 10, "figures_every": 1000, "probe_size": 16})
+
+
+def _start(cfg: Path) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    return subprocess.Popen([sys.executable, "launch/train.py", "--config", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"trainer exited early: {proc.stderr.read()[-2000:]}"
+        assert time.time() < end, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path: Path, tiny_shards: Path) -> None:
+    ref = _slow_resumable(tmp_path, tiny_shards, "ref")
+    assert train(ref).returncode == 0
+    cfg = _slow_resumable(tmp_path, tiny_shards, "killed")
+    proc = _start(cfg)
+    run = tmp_path / "runs/killed"
+    _wait_for(run / "checkpoints/step-60/COMPLETE", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+    resumed = train(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"] and summary["resumed_from"][0] >= 60
+    ref_summary = json.loads((tmp_path / "runs/ref/summary.json").read_text())
+    assert summary["step"] == ref_summary["step"] == 200
+    assert max_diff(weights(run), weights(tmp_path / "runs/ref")) <= 1e-6
+
+
+def test_sigusr1_saves_exits_75_and_resumes(tmp_path: Path, tiny_shards: Path) -> None:
+    cfg = _slow_resumable(tmp_path, tiny_shards, "preempted")
+    run = tmp_path / "runs/preempted"
+    proc = _start(cfg)
+    _wait_for(run / "checkpoints/step-20/COMPLETE", proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75
+    saved = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*") if (p / "COMPLETE").exists())
+    assert saved[-1] > 20 and not (run / "summary.json").exists()
+    again = train(cfg)
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"] == [saved[-1]] and summary["step"] == 200
+
+
+def test_nan_on_one_rank_stops_both_without_hanging(tmp_path: Path, tiny_shards: Path) -> None:
+    cfg = write_config(tmp_path, tiny_shards, "nan", train={"epochs": 3, "checkpoint_every": 2})
+    t0 = time.time()
+    proc = train(cfg, procs=2, env={"AEDIST_INJECT_NAN": "1:5"})
+    assert time.time() - t0 < 240
+    assert proc.returncode != 0
+    assert "loss is not finite at step 5" in proc.stderr
+    run = tmp_path / "runs/nan"
+    kept = sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step-*"))
+    assert kept[-1] == 4 and not (run / "summary.json").exists()
+
+
+def test_skipping_bad_steps_is_allowed_when_asked(tmp_path: Path, tiny_shards: Path) -> None:
+    cfg = write_config(tmp_path, tiny_shards, "skip", train={"epochs": 2, "max_bad_steps": 1})
+    proc = train(cfg, env={"AEDIST_INJECT_NAN": "0:3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "non-finite loss at step 3" in proc.stdout + proc.stderr
+
+
+def test_half_written_checkpoints_are_ignored_on_resume(tmp_path: Path, tiny_shards: Path) -> None:
+    cfg = write_config(tmp_path, tiny_shards, "atomic", train={"epochs": 2})
+    assert train(cfg).returncode == 0
+    ckpts = tmp_path / "runs/atomic/checkpoints"
+    newest = max(int(p.name[5:]) for p in ckpts.glob("step-*"))
+    (ckpts / f"step-{newest + 5}").mkdir()  # a crash after the folder appeared but before its marker
+    (ckpts / f"step-{newest + 5}" / "model.safetensors").write_bytes(b"garbage")
+    (ckpts / f".tmp-step-{newest + 9}").mkdir()
+    again = train(cfg, "train.epochs=3")
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((tmp_path / "runs/atomic/summary.json").read_text())
+    assert summary["resumed_from"] == [newest] and summary["epoch"] == 3
+
+
+def test_checkpoint_from_another_model_is_a_one_line_error(tmp_path: Path, tiny_shards: Path) -> None:
+    cfg = write_config(tmp_path, tiny_shards, "shape", train={"epochs": 1})
+    assert train(cfg).returncode == 0
+    proc = train(cfg, "model.latent_dim=3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "different model" in line and "train.resume=never" in line
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["data.shards=/nonexistent/shards"], ["/nonexistent/shards", "launch/pack.py"]),
+    (["data.batch_size=63", "train.grad_accum=2"], ["data.batch_size=63", "multiple of 2"]),
+    (["model.image_size=32"], ["(1, 28, 28)", "model.image_size"]),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, tiny_shards: Path, overrides: list[str], words: list[str]) -> None:
+    cfg = write_config(tmp_path, tiny_shards, "bad")
+    proc = train(cfg, *overrides)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    for word in words:
+        assert word in proc.stderr
