@@ -1,0 +1,129 @@
+"""W&B offline run read back from its own folder, local mirrors, evaluate.py and report.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from wandb.proto import wandb_internal_pb2
+
+from conftest import run_py
+from test_engine import write_config
+
+pytestmark = pytest.mark.slow
+BLOCK = 32 * 1024  # the .wandb file is a LevelDB-style log: 32 KiB blocks of framed records
+
+
+def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    """Every record of a .wandb file (header ':W&B', magic 0xBEE1, version; then crc, length, type frames)."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B" and struct.unpack("<H", data[4:6])[0] == 0xBEE1
+    pos, records, pending = 7, [], b""
+    while pos + 7 <= len(data):
+        if BLOCK - pos % BLOCK < 7:  # a block tail too short for a frame header is padding
+            pos += BLOCK - pos % BLOCK
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        payload = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0:
+            pos += (BLOCK - pos % BLOCK) % BLOCK
+            continue
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):  # FULL or LAST: a whole record is assembled
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def history(records: list[wandb_internal_pb2.Record]) -> list[dict[str, object]]:
+    """History rows as dicts; an image entry arrives as nested keys (name, field) -> {field: value}."""
+    rows = []
+    for rec in records:
+        if rec.WhichOneof("record_type") != "history":
+            continue
+        row: dict[str, object] = {}
+        for item in rec.history.item:
+            value = json.loads(item.value_json)
+            if item.key or len(item.nested_key) == 1:
+                row[item.key or item.nested_key[0]] = value
+            else:
+                row.setdefault(item.nested_key[0], {})[item.nested_key[1]] = value  # type: ignore[index]
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("wandb")
+    cfg = write_config(tmp, tiny_shards, "tracked", corruption=[{"rotate": {"max_degrees": 90}}],
+                       eval={"knn_train": 64, "corruptions": {"rotated": [{"rotate": {"max_degrees": 180}}]}},
+                       log={"wandb": "offline", "every": 2, "probe_size": 16, "tags": ["test"]})
+    proc = run_py(["launch/train.py", "--config", str(cfg)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "runs/tracked"
+
+
+def test_offline_run_records_scalars_and_images(offline_run: Path) -> None:
+    (folder,) = list((offline_run / "wandb").glob("offline-run-*"))
+    run_id = json.loads((offline_run / "summary.json").read_text())["wandb_run_id"]
+    assert folder.name.endswith(run_id)
+    rows = history(read_records(folder / f"run-{run_id}.wandb"))
+    keys = set().union(*rows)
+    for key in ["train/loss", "train/lr", "train/grad_norm", "train/img_per_s", "train/data_wait_s", "val/loss",
+                "test/mse", "test/psnr_db", "test/snr_db", "test_rotated/mse", "test/knn_acc"]:
+        assert key in keys, key
+    image_rows = [r for r in rows if "figures/recon" in r]
+    assert len(image_rows) == 2  # epoch 1 and the last epoch (2)
+    image_keys = {k for k in keys if k.startswith("figures/")}
+    assert {"figures/recon", "figures/recon_rotated", "figures/latent_pca", "figures/interpolation",
+            "figures/rotation_panel"} <= image_keys
+    steps = [r["_step"] for r in rows if "train/loss" in r]
+    assert steps == sorted(steps) and steps[0] == 2
+    # Each image entry points at a media file that is a valid PNG of the size the entry records,
+    # and the same size as the local mirror under figures/.
+    local = {p.stem.rsplit("_epoch", 1)[0]: p for p in (offline_run / "figures").glob("*.png")}
+    for row in image_rows:
+        for key in image_keys & set(row):
+            entry = row[key]
+            assert entry["_type"] == "images/separated" and entry["count"] == 1
+            (name,) = entry["filenames"]
+            with Image.open(folder / "files" / name) as im:
+                im.verify()
+            with Image.open(folder / "files" / name) as im, Image.open(local[key.removeprefix("figures/")]) as mirror:
+                assert im.size == (entry["width"], entry["height"]) == mirror.size
+                assert min(im.size) >= 32
+
+
+def test_local_mirrors_match_what_was_logged(offline_run: Path) -> None:
+    lines = [json.loads(line) for line in (offline_run / "metrics.jsonl").read_text().splitlines()]
+    assert all({"step", "epoch"} <= set(line) for line in lines)
+    assert any("train/loss" in line for line in lines) and any("test/psnr_db" in line for line in lines)
+    figures = {p.name for p in (offline_run / "figures").glob("*.png")}
+    assert {"recon_epoch001.png", "recon_epoch002.png", "rotation_panel_epoch002.png"} <= figures
+
+
+def test_evaluate_writes_finite_metrics_and_report_tables_them(offline_run: Path, tmp_path: Path) -> None:
+    proc = run_py(["launch/evaluate.py", str(offline_run)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    values = json.loads((offline_run / "eval.json").read_text())
+    for key in ["test/mse", "test/psnr_db", "test/snr_db", "test_rotated/mse", "test_rotated/input_mse",
+                "test/knn_acc", "test_rotated/decoded_class_acc", "test/latent_kl"]:
+        assert math.isfinite(values[key]), key
+    assert 0 < values["test/mse"] < values["test_rotated/input_mse"] + 1
+    report = tmp_path / "RESULTS.md"
+    proc = run_py(["launch/report.py", str(offline_run), "--out", str(report)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = report.read_text()
+    assert "| tracked | tiny | 2 |" in text and f"{values['test/mse']:.4f}" in text
+    assert "launch/train.py" in text and (tmp_path / "figures/tracked_recon.png").exists()
+
+
+def test_evaluate_on_a_folder_that_is_no_run_is_a_one_line_error(tmp_path: Path) -> None:
+    proc = run_py(["launch/evaluate.py", str(tmp_path)])
+    assert proc.returncode == 2 and "not a run folder" in proc.stderr and "Traceback" not in proc.stderr
