@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import sys
 import types
 import typing
@@ -291,6 +292,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise _fail(f"eval.corruptions.{name}", spec, "expected a corruption list")
         validate_corruption(spec)
     return cfg
+
+
+def sweep_args(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """Accept W&B sweep arguments: ``${args_no_hyphens}`` passes everything as key=value, so
+    ``config=PATH`` picks the experiment file; inside a sweep agent each trial gets its own run
+    folder (``run.name`` + the agent's WANDB_RUN_ID), else ``train.resume=auto`` would continue
+    the previous trial."""
+    config = next((o.split("=", 1)[1] for o in overrides if o.startswith("config=")), config)
+    overrides = [o for o in overrides if not o.startswith("config=")]
+    run_id = os.environ.get("WANDB_RUN_ID")
+    if os.environ.get("WANDB_SWEEP_ID") and run_id:
+        overrides.append(f"run.name={load_config(config, overrides).run.name}-{run_id}")
+    return config, overrides
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -32,8 +32,9 @@ def _wandb_mode(cfg: Config) -> str:
 
 
 def new_run_id() -> str:
-    """A W&B-style run id; stored in checkpoints so a resumed run continues the same W&B run."""
-    return secrets.token_hex(4)
+    """A W&B-style run id (a sweep agent's WANDB_RUN_ID when set); stored in checkpoints so a
+    resumed run continues the same W&B run."""
+    return os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
 
 
 class Tracker:

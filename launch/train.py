@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from aedist.config import load_config
+from aedist.config import load_config, sweep_args
 from aedist.errors import run_cli
 
 DEBUG_OVERRIDES = ["data.limit=512", "train.max_steps=8", "train.epochs=1", "log.wandb=offline", "log.every=1"]
@@ -26,7 +26,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--debug", action="store_true", help="tiny subset, a few steps, W&B offline, anomaly detection")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3 optim.lr=3e-4")
     args = parser.parse_args(argv)
-    overrides = list(args.overrides)
+    args.config, overrides = sweep_args(args.config, list(args.overrides))
     if args.debug:
         overrides = DEBUG_OVERRIDES + [f"run.name={load_config(args.config, overrides).run.name}-debug"] + overrides
     cfg = load_config(args.config, overrides)
