@@ -127,8 +127,9 @@ class Trainer:
         t = torch.tensor([float(f) for f in flags], device=self.accelerator.device)
         return [bool(v > 0) for v in self.accelerator.reduce(t, "sum").tolist()]
 
-    def _step(self, batches) -> tuple[dict[str, float], float, bool, bool]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (terms, data wait s, stop, bad)."""
+    def _step(self, batches, want_norm: bool) -> tuple[dict[str, torch.Tensor], float, bool, bool]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (terms, data wait s, stop, bad).
+        The grad norm is computed only when clipping or logging needs it (it walks every parameter)."""
         acc, cfg, s = self.accelerator, self.cfg, self.state
         sums: dict[str, torch.Tensor] = {}
         wait = 0.0
@@ -138,8 +139,10 @@ class Trainer:
             wait += time.perf_counter() - t0
             with acc.accumulate(self.model):
                 x = images.float() / 255.0
-                gen = make_generator(cfg.train.seed, self.rank, s.step * cfg.train.grad_accum + micro, x.device)
-                inputs, targets, _ = corrupt(x, cfg.corruption, gen)
+                inputs, targets = x, x
+                if cfg.corruption:  # a clean run skips building a generator every step
+                    gen = make_generator(cfg.train.seed, self.rank, s.step * cfg.train.grad_accum + micro, x.device)
+                    inputs, targets, _ = corrupt(x, cfg.corruption, gen)
                 inputs = to_model(inputs, cfg)
                 if cfg.train.channels_last:
                     inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -154,14 +157,14 @@ class Trainer:
         out = {f"train/{k}": v for k, v in sums.items()}
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
-            return {k: float(v) for k, v in out.items()}, wait, stop, bad
-        norm = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or math.inf)
+            return out, wait, stop, bad
+        if cfg.optim.grad_clip or want_norm:
+            out["train/grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or math.inf)
         self.optimizer.step()
         if cfg.optim.scheduler == "cosine":
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out["train/grad_norm"] = norm
-        return {k: float(v) for k, v in out.items()}, wait, stop, bad
+        return out, wait, stop, bad
 
     # ------------------------------------------------------------------ the loop
 
@@ -182,7 +185,8 @@ class Trainer:
                 shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=cfg.data.pin_memory)
             while s.batch < micro_per_epoch and s.step < self.total_steps:
                 t0 = time.perf_counter()
-                terms, wait, stop, bad = self._step(batches)
+                log_now = (s.step + 1) % cfg.log.every == 0 or s.step + 1 == self.total_steps
+                terms, wait, stop, bad = self._step(batches, want_norm=log_now)
                 s.step += 1
                 s.images_seen += global_batch
                 s.train_seconds += time.perf_counter() - t0
@@ -193,7 +197,7 @@ class Trainer:
                     acc.print(f"warning: non-finite loss at step {s.step} ({s.bad_steps} of {cfg.train.max_bad_steps} allowed)")
                     if s.bad_steps > cfg.train.max_bad_steps:
                         raise Diverged(f"loss is not finite at step {s.step}; the last good checkpoint is kept in {self.ckpt_root}")
-                if s.step % cfg.log.every == 0 or s.step == self.total_steps:
+                if log_now:
                     self._log_step(terms, window, bar)
                 bar.update(1)
                 if stop or (cfg.train.checkpoint_every and s.step % cfg.train.checkpoint_every == 0):
@@ -222,10 +226,10 @@ class Trainer:
         self.tracker.close()
         return 0
 
-    def _log_step(self, terms: dict[str, float], window: dict[str, float], bar: tqdm) -> None:
+    def _log_step(self, terms: dict[str, torch.Tensor], window: dict[str, float], bar: tqdm) -> None:
         acc, s = self.accelerator, self.state
         keys = sorted(terms)
-        mean = acc.reduce(torch.tensor([terms[k] for k in keys], device=acc.device), "mean").tolist()
+        mean = acc.reduce(torch.stack([terms[k].float() for k in keys]).to(acc.device), "mean").tolist()
         elapsed = time.perf_counter() - window["t"]
         values = dict(zip(keys, mean))
         values["train/lr"] = self.optimizer.param_groups[0]["lr"]

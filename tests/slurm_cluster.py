@@ -13,6 +13,7 @@ same controller. :meth:`stop` ends exactly the processes it started, by their pi
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -121,6 +122,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
     def start(self, timeout: float = 60.0) -> "SlurmCluster":
         """Start munged, slurmctld and slurmd; return once the node is idle."""
         self._write_files()
+        atexit.register(self.stop)  # also when the test session ends without reaching teardown
         m = self.root / "munge"
         self._spawn([_which("munged"), "--foreground", "--force", f"--socket={self.munge_socket}",
                      f"--key-file={m / 'munge.key'}", f"--pid-file={m / 'munged.pid'}",
