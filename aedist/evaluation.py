@@ -162,7 +162,8 @@ def draw_figures(model: nn.Module, cfg: Config, probe: tuple[torch.Tensor, torch
 
     gen = make_generator(cfg.train.seed, 0, EVAL_STEP - 1, dev)
     c_in, _, _ = corrupt(show, cfg.corruption, gen)
-    c_in = c_in[: len(show)]  # with `copies`, keep the originals' first rotated copy out: originals first
+    if len(c_in) > len(show):  # `copies` put the originals first; show their first rotated copies
+        c_in = c_in[len(show): 2 * len(show)]
     figs = {"figures/recon": visuals.recon_grid(show, c_in, recon(c_in))}
     for name, spec in cfg.eval.corruptions.items():
         e_in, _, _ = corrupt(show, spec, make_generator(cfg.train.seed, 0, EVAL_STEP - 2, dev))

@@ -83,8 +83,13 @@ class Tracker:
             self.accelerator.get_tracker("wandb").log_images({k: [v] for k, v in images.items()}, step=step)
 
     def close(self) -> None:
-        """Flush and finish the trackers (all ranks may call it)."""
-        self.accelerator.end_training()
+        """Flush and finish the trackers (all ranks may call it). Never raises: on a preemption SLURM
+        signals every process of the step, W&B's service included, and a failed flush must not turn
+        a saved checkpoint into a crash (the offline run files are already on disk)."""
+        try:
+            self.accelerator.end_training()
+        except Exception as err:  # noqa: BLE001 - any tracker failure at shutdown is only reported
+            print(f"warning: closing the trackers failed ({type(err).__name__}: {err})", flush=True)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

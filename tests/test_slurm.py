@@ -11,6 +11,7 @@ from the repository root exactly as the README says; the uninterrupted reference
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -24,12 +25,60 @@ sys.path.insert(0, str(Path(__file__).parent))
 from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+
+# Stand-ins for srun, scontrol and accelerate that print what they were asked to run: the launch
+# line of train.sbatch for any node count, without a cluster. The fake srun runs its command once per
+# node with that node's SLURM_NODEID, as the real one does with one task per node.
+_FAKES = {
+    "srun": """#!/bin/bash
+echo "srun $(printf '%s ' "$@" | grep -o -- '--[a-z-]*=[^ ]*' | tr '\\n' ' ')"
+while [[ $1 == --* ]]; do shift; done
+for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n "$@"; done
+""",
+    "scontrol": "#!/bin/bash\n[[ $1 == show ]] && printf 'gpu-a\\ngpu-b\\n'\n",
+    "accelerate": "#!/bin/bash\nprintf 'accelerate'; printf ' <%s>' \"$@\"; echo\n",
+}
+
+
+def _dry_run(tmp_path: Path, env: dict[str, str], *args: str) -> str:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in _FAKES.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run: {{dir: {tmp_path / 'runs'}, name: dry}}\n")
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+                "AEDIST_PYTHON": sys.executable, "SLURM_JOB_ID": "42", **env}
+    r = subprocess.run(["bash", "slurm/train.sbatch", str(cfg), *args], cwd=REPO, env=full_env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stdout + r.stderr  # the fakes train nothing: "failed, not requeued"
+    return (tmp_path / "runs" / "dry" / "slurm-42.out").read_text()
+
+
+def test_train_sbatch_multinode_launch_line(tmp_path: Path) -> None:
+    env = {"SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_CPUS_PER_TASK": "8"}
+    out = _dry_run(tmp_path, env, "optim.lr=3e-4", "log.tags=[a b]")
+    launches = [line for line in out.splitlines() if line.startswith("accelerate")]
+    assert len(launches) == 2, out
+    for rank, line in enumerate(launches):
+        assert line.startswith(f"accelerate <launch> <--machine_rank> <{rank}> <--multi_gpu>"), line
+        for want in ("<--num_processes> <8>", "<--num_machines> <2>", "<--main_process_ip> <gpu-a>",
+                     "<launch/train.py> <--config>", "<optim.lr=3e-4> <log.tags=[a b]>"):
+            assert want in line, (want, line)
+    assert "--ntasks-per-node=1" in out and "--cpus-per-task=8" in out, out
+
+
+def test_train_sbatch_cpu_switch(tmp_path: Path) -> None:
+    out = _dry_run(tmp_path, {"SLURM_NNODES": "1", "AEDIST_CPU_PROCS": "2"})
+    (line,) = [line for line in out.splitlines() if line.startswith("accelerate")]
+    assert "<--multi_gpu> <--num_processes> <2>" in line and "<train.cpu=true>" in line, line
+    assert "<--main_process_ip> <127.0.0.1>" in line, line
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
-    reason = unavailable_reason()
+    reason = unavailable_reason()  # only "not root" or "binaries missing"
     if reason:
         pytest.skip(reason)
     root = tmp_path_factory.mktemp("slurm")
@@ -101,14 +150,16 @@ def _wait(ok, timeout: float, what: str, cluster: SlurmCluster, job: str, log: P
         state = cluster.job(job)
         if state.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             break
-        # SLURM holds a requeued batch job back (BeginTime ~2 min ahead); let it start at once.
-        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+        # SLURM holds a requeued batch job back (BeginTime ~2 min ahead); let it start as soon as the
+        # node has cleaned up the previous attempt (earlier, slurmd refuses it: "credential revoked").
+        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime" and cluster.node_state() == "idle":
             cluster.scontrol("update", f"JobId={job}", "StartTime=now")
         time.sleep(0.5)
     logs = log.read_text(errors="replace")[-6000:] if log.exists() else "(no job log)"
     raise AssertionError(f"timed out waiting for {what}; job: {cluster.job(job)}\n--- job log\n{logs}\n{cluster.logs()}")
 
 
+@pytest.mark.slow
 def test_preempted_job_requeues_and_resumes(cluster: SlurmCluster, tmp_path: Path) -> None:
     if not (REPO / "launch" / "train.py").exists():
         pytest.fail("launch/train.py is missing")
