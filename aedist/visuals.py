@@ -17,12 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patheffects import withStroke
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 from torchvision.utils import make_grid
 
@@ -61,15 +65,15 @@ def _cell_centres(n: int, size: int, padding: int = PAD) -> list[float]:
     return [padding + i * (size + padding) + (size - 1) / 2 for i in range(n)]
 
 
-def _show_grid(
-    grid: np.ndarray,
-    title: str | None = None,
-    row_labels: Sequence[str] = (),
-    row_pos: Sequence[float] = (),
-    col_labels: Sequence[str] = (),
-    col_pos: Sequence[float] = (),
-    min_width: int = 560,
-) -> np.ndarray:
+def _bare(ax: Axes) -> None:
+    """No tick marks or frame around an image; tick labels stay as row/column labels."""
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _show_grid(grid: np.ndarray, title: str | None = None, row_labels: Sequence[str] = (), row_pos: Sequence[float] = (),
+               col_labels: Sequence[str] = (), col_pos: Sequence[float] = (), min_width: int = 560) -> np.ndarray:
     """Draw an image grid at an integer zoom (nearest, so pixels stay sharp) with row/column labels."""
     gh, gw = grid.shape[:2]
     zoom = max(1, min(6, math.ceil(min_width / gw)))
@@ -81,9 +85,7 @@ def _show_grid(
     ax.imshow(grid, interpolation="nearest")
     ax.set_yticks(list(row_pos), list(row_labels), fontsize=10)
     ax.set_xticks(list(col_pos), list(col_labels), fontsize=9)
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+    _bare(ax)
     if title:
         fig.suptitle(title, y=1 - 6 / h, va="top", fontsize=12)
     return fig_to_array(fig)
@@ -133,7 +135,11 @@ def _project(z: np.ndarray, method: str, dims: int, seed: int) -> tuple[np.ndarr
     if method == "tsne":
         # perplexity must stay below N; ~N/3 keeps tiny probe sets well-posed.
         perplexity = float(max(2.0, min(30.0, (len(z) - 1) / 3)))
-        emb = TSNE(n_components=dims, perplexity=perplexity, init="pca", random_state=seed).fit_transform(z)
+        # One OpenMP thread: on a busy 2-core box (2 training ranks, other tests) t-SNE's spinning
+        # threads were measured 100-300x slower on 45 points (26 s vs 0.08 s); one thread is predictable.
+        with threadpool_limits(limits=1, user_api="openmp"):
+            tsne = TSNE(n_components=dims, perplexity=perplexity, init="pca", random_state=seed)
+            emb = tsne.fit_transform(z)
         return emb, [f"t-SNE {i + 1}" for i in range(dims)], "t-SNE"
     raise ValueError(f"unknown method {method!r}; use auto, pca or tsne")
 
@@ -176,14 +182,6 @@ def latent_scatter(
     return fig_to_array(fig)
 
 
-def _pca2(points: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    if points.shape[1] == 2:
-        return points, ["z1", "z2"]
-    if points.shape[1] == 1:
-        return np.concatenate([points, np.zeros_like(points)], axis=1), ["z1", ""]
-    return PCA(n_components=2).fit_transform(points), ["PC1", "PC2"]
-
-
 def rotation_panel(
     images_in: Tensor,
     decoded: Tensor,
@@ -202,7 +200,7 @@ def rotation_panel(
     k, a, c, h, w = images_in.shape
     rows = torch.stack([torch.as_tensor(images_in), torch.as_tensor(decoded)], dim=1)  # [K, 2, A, C, H, W]
     grid = image_grid(rows.reshape(k * 2 * a, c, h, w), nrow=a)
-    ang = np.asarray(torch.as_tensor(angles, dtype=torch.float64)).reshape(-1, a)
+    ang = torch.as_tensor(angles, dtype=torch.float64).cpu().numpy().reshape(-1, a)
     names = [class_names[i] if i < len(class_names) else str(i) for i in range(k)]
     gh, gw = grid.shape[:2]
     zoom = max(1, min(4, 520 // max(gh, gw) + 1))
@@ -215,16 +213,16 @@ def rotation_panel(
     xs = _cell_centres(a, w)
     if ang.shape[0] == 1:
         ax.set_xticks(xs, [f"{v:g}°" for v in ang[0]], fontsize=8)
-    else:  # per-image angles: write each above its input image
+    else:  # per-image angles: write each inside its input image, outlined so it reads on black and white
         ax.set_xticks([])
         for i in range(k):
             for j in range(a):
-                ax.text(xs[j], ys[2 * i] - h / 2, f"{ang[i, j]:.0f}°", ha="center", va="bottom", fontsize=6)
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
+                ax.text(xs[j] - w / 2 + 0.5, ys[2 * i] - h / 2 + 0.5, f"{ang[i, j]:.0f}°", ha="left", va="top", fontsize=7,
+                        color="w", path_effects=[withStroke(linewidth=2, foreground="k")])
+    _bare(ax)
 
-    pts, axis_names = _pca2(torch.as_tensor(z_path).detach().to("cpu", torch.float64).reshape(k * a, -1).numpy())
+    zp = torch.as_tensor(z_path).detach().to("cpu", torch.float64).reshape(k * a, -1).numpy()
+    pts, axis_names, _ = _project(zp, "auto", 2, seed=0)  # one PCA over all classes when D > 2
     pts = pts.reshape(k, a, 2)
     pax = fig.add_axes(((left_w + 55) / (left_w + plot_w), 0.12, (plot_w - 80) / (left_w + plot_w), 0.76))
     for i, colour in enumerate(_class_colours(k)):
@@ -325,6 +323,7 @@ def loss_curves(
             ax.plot(xs, ys, linestyle=style, color=colour, lw=1.6, marker="o" if len(xs) < 3 else None)
     if log_y:
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel(title.lower() if title else "value")
     ax.set_title(title)

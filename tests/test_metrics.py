@@ -77,3 +77,37 @@ def test_gaussianity_ranks_standard_normal_closest() -> None:
     assert shifted["kl"] > ref["kl"] + 1 and scaled["kl"] > ref["kl"] + 1
     # The KL of the fitted diagonal Gaussian matches the closed form: 8 dims, mean 2 -> 0.5 * 8 * 4 = 16.
     assert shifted["kl"] == pytest.approx(16.0, rel=0.05)
+
+
+def test_sums_are_float64_scalars_even_from_bf16() -> None:
+    """All-reducible: 0-d float64 on pred's device, whatever the autocast dtype of pred."""
+    target = torch.rand(6, 1, 8, 8)
+    sums = metrics.batch_sums(target.to(torch.bfloat16), target)
+    assert set(sums) == set(metrics.SUM_KEYS)
+    assert all(v.dtype == torch.float64 and v.dim() == 0 and v.device == target.device for v in sums.values())
+    assert sums["n_images"].item() == 6 and sums["n_pixels"].item() == 6 * 64
+    assert sums["signal_power"].item() == pytest.approx(float((target.double() ** 2).sum()), rel=1e-12)
+
+
+def test_perfect_reconstruction_stays_finite() -> None:
+    target = torch.rand(3, 1, 4, 4)
+    got = metrics.finalize(metrics.batch_sums(target.clone(), target), "p")
+    assert got["p/mse"] == 0.0
+    assert got["p/psnr_db"] == pytest.approx(100.0)  # per-image MSE floored at 1e-10
+    assert np.isfinite(got["p/snr_db"])
+
+
+def test_knn_standardizes_features() -> None:
+    # The class lives on an axis measured in tiny units; a noise axis in large units would decide every
+    # raw Euclidean distance, so this is only separable after standardization.
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 600)
+    z = np.stack([(y + rng.normal(0, 0.05, 600)) * 1e-4, rng.normal(0, 0.3, 600)], axis=1)
+    assert metrics.knn_accuracy(z[:400], y[:400], z[400:], y[400:], k=5) > 0.95
+
+
+def test_gaussianity_closed_form_for_scaled_latents() -> None:
+    z = torch.randn(4000, 6, generator=torch.Generator().manual_seed(1)) * 3.0
+    got = metrics.latent_gaussianity(z)
+    assert got["std_dev"] == pytest.approx(2.0, rel=0.05)
+    assert got["kl"] == pytest.approx(0.5 * 6 * (9 - 1 - np.log(9)), rel=0.05)  # KL(N(0, 9I) || N(0, I))

@@ -78,3 +78,12 @@ def test_loss_curves_and_png_round_trip(tmp_path: Path) -> None:
     with Image.open(path) as im:
         assert im.size == (arr.shape[1], arr.shape[0])
         np.testing.assert_array_equal(np.asarray(im.convert("RGB")), arr)
+
+
+def test_rotation_panel_with_per_image_angles_and_bad_dims() -> None:
+    k, a = 3, 5
+    angles = torch.rand(k, a) * 360  # random rotations, one angle per image (seed 000 figs 4-5)
+    _is_image(visuals.rotation_panel(torch.rand(k, a, 1, 8, 8), torch.rand(k, a, 1, 8, 8), torch.randn(k, a, 2), ["x", "y", "z"], angles))
+    _is_image(visuals.interpolation_strip(torch.rand(2, 10, 1, 8, 8), row_labels=["a->b", "c->d"]))
+    with pytest.raises(ValueError):
+        visuals.latent_scatter(np.zeros((10, 2)), np.zeros(10), dims=3)
