@@ -120,7 +120,8 @@ def _claims(runs: dict[str, dict]) -> list[str]:
         v = info["values"]
         if "test_noisy/snr_db" in v and "test_noisy/input_snr_db" in v:
             claim(f"{name}: the denoised output's SNR beats the noisy input's", v["test_noisy/snr_db"] > v["test_noisy/input_snr_db"],
-                  f"{v['test_noisy/snr_db']:.2f} dB vs {v['test_noisy/input_snr_db']:.2f} dB")
+                  f"{v['test_noisy/snr_db']:.2f} dB vs {v['test_noisy/input_snr_db']:.2f} dB; "
+                  f"on clean inputs the model reconstructs at {v.get('test/snr_db', float('nan')):.2f} dB")
     for vae, ae in [("fashion_vae", "fashion_ae"), ("colored_denoise_vae", "colored_denoise_ae")]:
         a, b = get(vae, "test/latent_kl"), get(ae, "test/latent_kl")
         if a is not None and b is not None:
@@ -146,10 +147,16 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     lines = ["# Results", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_row(info)) + " |" for info in runs.values()]
     lines += ["", "## Claims of the seeds, checked", "", *(_claims(runs) or ["- (no run pair to compare)"]), ""]
-    curves = {name: c for name, info in runs.items() if (c := _curves(info["path"]))}
-    if len(curves) > 1:
-        visuals.save_png(visuals.loss_curves(curves, "train / val / test loss"), fig_dir / "loss_curves.png")
-        lines += ["## Loss curves", "", "![loss curves](figures/loss_curves.png)", ""]
+    groups: dict[str, dict[str, dict]] = {}  # one comparison plot per W&B group (seed), e.g. 001's four variants
+    for name, info in runs.items():
+        if c := _curves(info["path"]):
+            groups.setdefault(info["config"]["log"].get("group") or "runs", {})[name] = c
+    plotted = [g for g, curves in sorted(groups.items()) if len(curves) > 1]
+    if plotted:
+        lines += ["## Loss curves", ""]
+    for group in plotted:
+        visuals.save_png(visuals.loss_curves(groups[group], f"{group}: train / val / test loss"), fig_dir / f"loss_curves_{group}.png")
+        lines += [f"![{group} loss curves](figures/loss_curves_{group}.png)", ""]
     lines += ["## Figures", ""]
     for name in runs:
         figs = sorted((runs[name]["path"] / "figures").glob("*.png"))
@@ -159,9 +166,13 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
         keep = [k for k in ("eval_recon", "eval_recon_rotated", "eval_rotation_panel", "eval_latent", "eval_latent_tsne",
                             "eval_interpolation", "eval_recon_noisy", "eval_recon_rot90", "eval_recon_jigsaw",
                             "eval_prior_samples") if k in latest]
+        first = runs[name]["path"] / "figures" / "recon_epoch001.png"
         if keep:
             lines.append(f"**{name}**")
             lines.append("")
+            if first.exists():  # seeds 002/003 compare reconstructions after the first and the last epoch
+                (fig_dir / f"{name}_recon_epoch1.png").write_bytes(first.read_bytes())
+                lines.append(f"![{name} reconstructions after epoch 1](figures/{name}_recon_epoch1.png)")
             for k in keep:
                 dst = fig_dir / f"{name}_{k.removeprefix('eval_')}.png"
                 dst.write_bytes(latest[k].read_bytes())
