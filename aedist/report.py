@@ -74,8 +74,8 @@ def _load_run(run: Path) -> dict:
         path = run / f"{part}.json"
         info[part] = json.loads(path.read_text()) if path.exists() else {}
     info["values"] = {**info["summary"], **info["eval"]}
-    cmd = run / "command.txt"  # one line per (re)start; the first is how the run was launched
-    info["command"] = cmd.read_text().splitlines()[0] if cmd.exists() else ""
+    cmd = run / "command.txt"  # one line per (re)start: a resumed or extended run lists each command once
+    info["command"] = "\n".join(dict.fromkeys(cmd.read_text().splitlines())) if cmd.exists() else ""
     return info
 
 
