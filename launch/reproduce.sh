@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the five seed experiments on this machine kind (2 CPU cores, no MNIST/STL10 download):
 # short schedules, Fashion-MNIST and Colored Fashion-MNIST for the MNIST-based seeds, 96x96 photo
-# crops for STL10. Then evaluate every run and write docs/RESULTS.md. About 40 minutes on 2 cores.
+# crops for STL10. Then evaluate every run and write docs/RESULTS.md. About an hour on 2 cores.
 #   bash launch/reproduce.sh            (EPOCHS_SCALE=2 doubles every schedule)
 set -euo pipefail
 cd "$(dirname "$0")/.."
