@@ -38,7 +38,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
         raise UserError(f"checkpoint {folder} was written by a different model than {run}/config.yaml describes")
     if not wandb:
         cfg.log.wandb = "disabled"
-    acc = Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available())
+    from aedist.tracking import Tracker, trackers_for
+
+    acc = Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available(), log_with=trackers_for(cfg) or None,
+                      project_dir=str(run))
     model = build_model(cfg.model).to(acc.device)
     model.load_state_dict(load_file(folder / "model.safetensors", device=str(acc.device)))
     model.eval()
@@ -50,8 +53,6 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     values.update({"checkpoint_step": state.step, "epoch": state.epoch})
     out = run / "eval.json"
     out.write_text(json.dumps(values, indent=2))
-
-    from aedist.tracking import Tracker
 
     tracker = Tracker(acc, cfg, state.wandb_run_id)  # the training run's W&B id: same run, resumed
     figs = draw_figures(model, cfg, load_probe(cfg, acc.device), latents, read_manifest(cfg.data.shards).classes, full=True)

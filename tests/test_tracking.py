@@ -116,6 +116,13 @@ def test_evaluate_writes_finite_metrics_and_report_tables_them(offline_run: Path
                 "test/knn_acc", "test_rotated/decoded_class_acc", "test/latent_kl"]:
         assert math.isfinite(values[key]), key
     assert 0 < values["test/mse"] < values["test_rotated/input_mse"] + 1
+    # The evaluation went to the training run's W&B id (offline: a second folder with the same id).
+    run_id = json.loads((offline_run / "summary.json").read_text())["wandb_run_id"]
+    folders = sorted((offline_run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(folders) == 2
+    rows = history(read_records(folders[-1] / f"run-{run_id}.wandb"))
+    assert any(row.get("eval/test/mse") == pytest.approx(values["test/mse"]) for row in rows)
+    assert any("eval/recon" in row for row in rows)
     report = tmp_path / "RESULTS.md"
     proc = run_py(["launch/report.py", str(offline_run), "--out", str(report)])
     assert proc.returncode == 0, proc.stderr[-3000:]
