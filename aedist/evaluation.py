@@ -71,7 +71,9 @@ def evaluate_split(model: nn.Module, cfg: Config, accelerator: Accelerator, spli
         for k, v in compute_loss(out, to_model(targets, cfg), cfg.loss).items():
             loss_sums[k] = loss_sums.get(k, 0.0) + float(v) * x.shape[0]
         loss_sums["n"] = loss_sums.get("n", 0.0) + x.shape[0]
-        clean: AEOutput = model(to_model(x, cfg))
+        # Without a training corruption (and for VAEs in eval mode, z = mu) the loss pass already
+        # is the clean pass: reuse it rather than run the model twice.
+        clean: AEOutput = out if not cfg.corruption else model(to_model(x, cfg))
         tally(split, to_pixels(clean.recon.float(), cfg), x)
         latents["clean"].append(clean.z.float().cpu().numpy())
         labels.append(y.cpu().numpy())

@@ -28,7 +28,7 @@ done
 train mnist_mlp data.shards=shards/fashion train.epochs=$((25 * s))
 # seed 001 on 96x96 photo crops (2 classes); the four variants share one schedule
 for c in stl10_compress stl10_dropout stl10_norm stl10_norm_dropout; do
-  train $c data.shards=shards/photo96 train.epochs=$((12 * s)) log.probe_size=16
+  train $c data.shards=shards/photo96 train.epochs=$((8 * s)) train.eval_every=2 log.probe_size=16
 done
 
 runs=(fashion_baseline fashion_rotated fashion_ae fashion_vae fashion_rot90 fashion_jigsaw
