@@ -123,6 +123,12 @@ def _claims(runs: dict[str, dict]) -> list[str]:
             claim(f"{name}: the denoised output's SNR beats the noisy input's", v["test_noisy/snr_db"] > v["test_noisy/input_snr_db"],
                   f"{v['test_noisy/snr_db']:.2f} dB vs {v['test_noisy/input_snr_db']:.2f} dB; "
                   f"on clean inputs the model reconstructs at {v.get('test/snr_db', float('nan')):.2f} dB")
+    plain, norm, drop = (get(f"stl10_{v}", "test/mse") for v in ("compress", "norm", "dropout"))
+    if plain is not None and norm is not None:
+        claim("seed 001: normalizing the input does not improve the test error", norm >= plain,
+              f"test MSE in pixel space {norm:.4f} (normalized) vs {plain:.4f} (plain)")
+    if plain is not None and drop is not None:
+        claim("seed 001: dropout improves the test error", drop < plain, f"test MSE {drop:.4f} (dropout) vs {plain:.4f} (plain)")
     for vae, ae in [("fashion_vae", "fashion_ae"), ("colored_denoise_vae", "colored_denoise_ae")]:
         a, b = get(vae, "test/latent_kl"), get(ae, "test/latent_kl")
         if a is not None and b is not None:
