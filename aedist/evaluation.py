@@ -6,7 +6,6 @@ Metrics are computed in pixel space [0, 1] even when the model sees normalized i
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -215,8 +214,3 @@ def draw_figures(model: nn.Module, cfg: Config, probe: tuple[torch.Tensor, torch
 def out_is_vae(model: nn.Module) -> bool:
     """VAEs expose a Gaussian encoder (mu and logvar heads)."""
     return hasattr(model.encoder, "logvar")
-
-
-def finite(values: dict[str, float]) -> bool:
-    """True where every metric is a finite number."""
-    return all(math.isfinite(v) for v in values.values())

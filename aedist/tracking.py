@@ -11,7 +11,6 @@ import json
 import math
 import os
 import secrets
-from pathlib import Path
 from typing import Any
 
 import numpy as np

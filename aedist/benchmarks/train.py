@@ -76,8 +76,9 @@ def _engine(shards: str, steps: int, procs: int) -> dict[str, float]:
         return {"img_per_s": summary["img_per_s"], "peak_rss_mb": summary["peak_rss_mb"]}  # rank 0's VmHWM
 
 
-def _child(case: str, shards: str, steps: int) -> dict[str, float]:
-    proc = subprocess.run([sys.executable, "-m", "aedist.benchmarks.train", case, shards, str(steps)],
+def _plain_in_child(shards: str, steps: int) -> dict[str, float]:
+    """The plain loop in a fresh process, so its peak RSS is its own."""
+    proc = subprocess.run([sys.executable, "-m", "aedist.benchmarks.train", shards, str(steps)],
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
     repeats = max(1, min(args.repeats, 3))
     results: dict[str, list[dict[str, float]]] = {"plain": [], "engine": [], "engine_ddp2": []}
     for _ in range(repeats):  # interleaved, so drift on a shared machine hits every case alike
-        results["plain"].append(_child("plain", shards, STEPS))
+        results["plain"].append(_plain_in_child(shards, STEPS))
         results["engine"].append(_engine(shards, STEPS, 1))
         results["engine_ddp2"].append(_engine(shards, STEPS, 2))
     rows, medians = [], {}
@@ -105,6 +106,6 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
 
 
 if __name__ == "__main__":
-    case, shards_dir, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    shards_dir, n = sys.argv[1], int(sys.argv[2])
     os.environ.setdefault("WANDB_SILENT", "true")
     print(json.dumps(_plain(shards_dir, n)))
