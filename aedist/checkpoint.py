@@ -100,14 +100,20 @@ def read_state(folder: Path) -> TrainState:
     return TrainState(**json.loads((folder / STATE).read_text()))
 
 
-def load_checkpoint(accelerator: Accelerator, folder: Path, model_hash: str) -> TrainState:
-    """Restore Accelerate's state from ``folder`` after checking it was written by the same model."""
+def read_matching_state(folder: Path, model_hash: str, fix: str = "use another run.name or train.resume=never") -> TrainState:
+    """Our state from ``folder``, refusing a checkpoint written by a different model (``fix`` says what to do)."""
     state = read_state(folder)
     if state.model_hash != model_hash:
         raise UserError(
             f"checkpoint {folder} was written by a different model ({state.model.get('name')}, "
-            f"model section hash {state.model_hash} != {model_hash}); use another run.name or train.resume=never"
+            f"model section hash {state.model_hash} != {model_hash}); {fix}"
         )
+    return state
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path, model_hash: str) -> TrainState:
+    """Restore Accelerate's state from ``folder`` after checking it was written by the same model."""
+    state = read_matching_state(folder, model_hash)
     try:
         accelerator.load_state(str(folder))
     except (RuntimeError, KeyError, ValueError) as err:

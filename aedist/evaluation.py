@@ -135,12 +135,11 @@ def knn_metric(model: nn.Module, cfg: Config, accelerator: Accelerator,
 
 def load_probe(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The fixed probe set: the first ``log.probe_size`` test images, the same every epoch."""
-    xs, ys, n = [], [], 0
+    xs, ys = [], []
     for images, y in load_batches(cfg.data.shards, "test", cfg.log.probe_size, device=device, shuffle=False,
                                   drop_last=False, limit=cfg.log.probe_size, on_error=cfg.data.on_error):
         xs.append(images)
         ys.append(y)
-        n += len(y)
     return torch.cat(xs).float() / 255.0, torch.cat(ys)
 
 

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from aedist import metrics
-from aedist.checkpoint import newest_checkpoint, read_state
+from aedist.checkpoint import newest_checkpoint, read_matching_state
 from aedist.config import config_from_dict
 from aedist.data import read_manifest
 from aedist.errors import UserError
@@ -33,9 +33,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     folder = run / "checkpoints" / checkpoint if checkpoint else newest_checkpoint(run / "checkpoints")
     if folder is None or not (folder / "COMPLETE").exists():
         raise UserError(f"{run} has no complete checkpoint{' ' + checkpoint if checkpoint else ''}; train it first")
-    state = read_state(folder)
-    if state.model_hash != cfg.model_hash():
-        raise UserError(f"checkpoint {folder} was written by a different model than {run}/config.yaml describes")
+    state = read_matching_state(folder, cfg.model_hash(), fix=f"it does not belong to {run}/config.yaml")
     if not wandb:
         cfg.log.wandb = "disabled"
     from aedist.tracking import Tracker, trackers_for

@@ -30,12 +30,11 @@ BATCH = 256
 PNG_SAMPLES = 6000  # the per-sample path runs ~5-10k img/s: a subset keeps the suite short
 
 _RSS_SCRIPT = """
-import resource, sys
+import sys
+from aedist.benchmarks import vm_hwm_mb  # VmHWM: ru_maxrss would start from the parent's peak
 from aedist.data.loader import load_batches
 n = sum(len(y) for _, y in load_batches(sys.argv[1], "train", 256, shuffle=True))
-# ru_maxrss survives exec on Linux (the child starts with the parent's peak), so read VmHWM, this mm's own peak
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(n, hwm / 1024)
+print(n, vm_hwm_mb())
 """
 
 
