@@ -41,6 +41,8 @@ class TrainState:
     resumed_from: list[int] = field(default_factory=list)
     train_seconds: float = 0.0
     images_seen: int = 0
+    epoch_loss_sum: float = 0.0  # sum over this epoch's finished steps of the rank-mean train loss
+    epoch_loss_steps: int = 0
 
 
 def _fsync_write(path: Path, text: str) -> None:

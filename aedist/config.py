@@ -1,6 +1,6 @@
 """Typed configuration: the dataclasses below are the schema, YAML files hold only what differs.
 
-    cfg = load_config("configs/fashion_rotated.yaml", ["train.epochs=3", "optim.lr=3e-4"])
+    cfg = load_config("configs/seeds/fashion_rotated.yaml", ["train.epochs=3", "optim.lr=3e-4"])
 
 Every field carries a one-line doc (``metadata["doc"]``) and, where it has one, its allowed range or
 choices. A bad key, type or value raises :class:`~aedist.errors.UserError` naming the key, the value
@@ -82,10 +82,11 @@ class OptimConfig:
     lr: float = _f(1e-3, "Learning rate (never rescaled with the number of ranks).", min=0.0)
     weight_decay: float = _f(0.0, "Weight decay (L2 for adam/sgd, decoupled for adamw).", min=0.0)
     momentum: float = _f(0.0, "SGD momentum.", min=0.0, max=1.0)
-    scheduler: Literal["none", "plateau", "cosine"] = _f("none", "LR schedule: none, ReduceLROnPlateau on val loss, cosine.")
+    scheduler: Literal["none", "plateau", "cosine"] = _f("none", "LR schedule: none, ReduceLROnPlateau (see plateau_on), cosine.")
     warmup_steps: int = _f(0, "Linear warmup steps for the cosine schedule.", min=0)
     plateau_factor: float = _f(0.5, "ReduceLROnPlateau factor.", min=0.0, max=1.0)
     plateau_patience: int = _f(3, "ReduceLROnPlateau patience in epochs.", min=0)
+    plateau_on: Literal["val", "train"] = _f("val", "Loss ReduceLROnPlateau watches: val loss (every eval) or epoch-mean train loss (seed 004).")
     grad_clip: float = _f(0.0, "Clip the global grad norm to this (0 = off).", min=0.0)
     fused: bool = _f(False, "Fused Adam kernels (CUDA only; ignored on CPU).")
 

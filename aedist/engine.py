@@ -1,6 +1,6 @@
 """The training loop: the only module that holds the Accelerator.
 
-    accelerate launch launch/train.py --config configs/fashion_rotated.yaml train.epochs=3
+    accelerate launch launch/train.py --config configs/seeds/fashion_rotated.yaml train.epochs=3
     python launch/train.py --config configs/debug.yaml            # one process, CPU or one GPU
 
 One optimizer step = ``train.grad_accum`` micro-batches of ``data.batch_size / (ranks * accum)``
@@ -96,6 +96,18 @@ class Trainer:
                 fh.write(shlex.join(launcher + sys.argv) + "\n")
         self.tracker = Tracker(acc, cfg, self.state.wandb_run_id)
         self.stop = _StopFlag()
+        self.has_val = "val" in self.manifest.splits
+        if t.early_stop_patience and not self.has_val:
+            raise UserError(f"train.early_stop_patience needs a val split, and {cfg.data.shards} has none; "
+                            "pack with --val-fraction > 0 or set train.early_stop_patience=0")
+        if cfg.optim.scheduler == "plateau" and cfg.optim.plateau_on == "val" and not self.has_val:
+            raise UserError(f"optim.plateau_on=val needs a val split, and {cfg.data.shards} has none; "
+                            "set optim.plateau_on=train or pack with --val-fraction > 0")
+        # This rank's sum of step losses since the last fold into state.epoch_loss_sum (kept on the
+        # device so the hot loop never syncs; folded across ranks at checkpoints and epoch ends).
+        self.epoch_loss = torch.zeros((), device=acc.device)
+        self.evaluated_at = -1
+        self.final_metrics: dict[str, float] = {}
 
     def _check_shapes(self) -> None:
         m, c = self.manifest, self.cfg
@@ -158,6 +170,8 @@ class Trainer:
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             return out, wait, stop, bad
+        self.epoch_loss += sums["loss"].float()
+        s.epoch_loss_steps += 1
         if cfg.optim.grad_clip or want_norm:
             out["train/grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or math.inf)
         self.optimizer.step()
@@ -177,7 +191,6 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=s.step, disable=not acc.is_main_process, dynamic_ncols=True)
         window = {"t": time.perf_counter(), "images": 0, "wait": 0.0}
         last_saved = -1
-        self.evaluated_at = -1
         while s.epoch < cfg.train.epochs and s.step < self.total_steps:
             batches = load_batches(
                 cfg.data.shards, "train", self.per_rank, self.rank, self.world, seed=cfg.train.seed, epoch=s.epoch,
@@ -211,6 +224,7 @@ class Trainer:
             if s.batch >= micro_per_epoch:  # a full epoch, not a max_steps cut
                 s.epoch, s.batch = s.epoch + 1, 0
                 last = s.epoch >= cfg.train.epochs or s.step >= self.total_steps
+                self._end_train_epoch()
                 if s.epoch % cfg.train.eval_every == 0 or last:
                     if self._end_of_epoch(probe, last):
                         break
@@ -250,8 +264,8 @@ class Trainer:
         test_values, test_latents = evaluate_split(model, cfg, acc, "test")
         values.update(test_values)
         values.update(knn_metric(model, cfg, acc, test_latents))
-        val_loss = values.get("val/loss", values["test/loss"])
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        val_loss = values.get("val/loss")
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and cfg.optim.plateau_on == "val":
             self.scheduler.step(val_loss)
         values["epoch"] = s.epoch
         self.tracker.log(values, step=s.step, epoch=s.epoch)
@@ -259,7 +273,9 @@ class Trainer:
             figs = draw_figures(model, cfg, probe, test_latents, self.manifest.classes, full=last)
             self.tracker.log_images(figs, step=s.step, epoch=s.epoch)
         acc.wait_for_everyone()
-        if val_loss < s.best_val:
+        if val_loss is None:  # no val split: no model selection (the test set never picks a checkpoint)
+            pass
+        elif val_loss < s.best_val:
             s.best_val, s.best_epoch, s.epochs_since_best = val_loss, s.epoch, 0
             self._save("best")
         else:
@@ -271,7 +287,25 @@ class Trainer:
             return True
         return False
 
+    def _fold_epoch_loss(self) -> None:
+        """Add the ranks' mean of the loss summed since the last fold to the state (same on every rank)."""
+        self.state.epoch_loss_sum += float(self.accelerator.reduce(self.epoch_loss.clone(), "mean"))
+        self.epoch_loss.zero_()
+
+    def _end_train_epoch(self) -> None:
+        """Log the epoch-mean training loss at the 1-based epoch (as val/test are) and, with
+        ``optim.plateau_on=train``, step ReduceLROnPlateau on it (seed 004's schedule)."""
+        s = self.state
+        self._fold_epoch_loss()
+        if s.epoch_loss_steps:
+            mean = s.epoch_loss_sum / s.epoch_loss_steps
+            self.tracker.log({"train/epoch_loss": mean, "epoch": s.epoch}, step=s.step, epoch=s.epoch)
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and self.cfg.optim.plateau_on == "train":
+                self.scheduler.step(mean)
+        s.epoch_loss_sum, s.epoch_loss_steps = 0.0, 0
+
     def _save(self, name: str) -> Path:
+        self._fold_epoch_loss()
         return save_checkpoint(self.accelerator, self.ckpt_root, name, self.state, self.cfg.train.keep_last)
 
     def _write_summary(self) -> None:
@@ -282,7 +316,7 @@ class Trainer:
             "completed": True, "step": s.step, "epoch": s.epoch, "wandb_run_id": s.wandb_run_id,
             "resumed_from": s.resumed_from, "best_val": s.best_val, "best_epoch": s.best_epoch,
             "train_seconds": s.train_seconds, "img_per_s": s.images_seen / max(s.train_seconds, 1e-9),
-            "world_size": self.world, "peak_rss_mb": vm_hwm_mb(), **getattr(self, "final_metrics", {}),
+            "world_size": self.world, "peak_rss_mb": vm_hwm_mb(), **self.final_metrics,
         }
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.accelerator.print(f"done: step {s.step}; run folder {self.cfg.run_dir} (figures/, metrics.jsonl, wandb/)")

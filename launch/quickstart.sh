@@ -6,10 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh
-python launch/pack.py fashion-mnist --out shards/fashion4 --classes 1,3,5,8 --val-fraction 0.1
+python launch/pack.py fashion-mnist --out shards/fashion4 --classes 1,3,5,8 --val-fraction 0
 export WANDB_MODE="${WANDB_MODE:-offline}"
-python launch/train.py --config configs/fashion_rotated.yaml train.epochs=3 "$@"
-run=$(python -m aedist.config --run-dir configs/fashion_rotated.yaml train.epochs=3 "$@")
+python launch/train.py --config configs/seeds/fashion_rotated.yaml train.epochs=3 "$@"
+run=$(python -m aedist.config --run-dir configs/seeds/fashion_rotated.yaml train.epochs=3 "$@")
 python launch/evaluate.py "$run"
 echo
 echo "run folder:   $run"

@@ -1,8 +1,8 @@
 """Train an autoencoder from a config.
 
-    accelerate launch launch/train.py --config configs/fashion_rotated.yaml [key=value ...]
+    accelerate launch launch/train.py --config configs/seeds/fashion_rotated.yaml [key=value ...]
     python launch/train.py --config configs/debug.yaml [key=value ...]       # one process
-    python launch/train.py --config configs/fashion_rotated.yaml --debug     # a few steps, anomaly checks
+    python launch/train.py --config configs/seeds/fashion_rotated.yaml --debug     # a few steps, anomaly checks
 
 Exit codes: 0 done, 2 bad input (one line on stderr), 75 preempted with a checkpoint saved (requeue me),
 1 training diverged (non-finite loss; the last good checkpoint is kept).

@@ -30,7 +30,7 @@ def test_every_shipped_config_loads_and_round_trips(path: Path, tmp_path: Path) 
 
 
 def test_overrides_are_typed_and_win_over_yaml() -> None:
-    cfg = load_config(ROOT / "configs/fashion_rotated.yaml", ["train.epochs=3", "optim.lr=3e-4", "log.tags=[a,b]",
+    cfg = load_config(ROOT / "configs/seeds/fashion_rotated.yaml", ["train.epochs=3", "optim.lr=3e-4", "log.tags=[a,b]",
                                                                "corruption=[{rot90: {}}]", "run.name=123"])
     assert cfg.train.epochs == 3 and cfg.optim.lr == pytest.approx(3e-4) and cfg.log.tags == ["a", "b"]
     assert cfg.corruption == [{"rot90": {}}] and cfg.run.name == "123"

@@ -29,7 +29,7 @@ def test_seed_parameter_counts(config: str, encoder: int | None, decoder: int | 
 
 
 def test_seed_001_dropout_sits_where_resolution_changes() -> None:
-    model = build_model(load_config(ROOT / "configs/stl10_dropout.yaml").model)
+    model = build_model(load_config(ROOT / "configs/seeds/stl10_dropout.yaml").model)
     enc = [type(m).__name__ for m in model.encoder.modules()]
     dec = [type(m).__name__ for m in model.decoder.modules()]
     assert enc.count("Dropout2d") == 2 and dec.count("Dropout2d") == 2
@@ -40,16 +40,16 @@ def test_seed_001_dropout_sits_where_resolution_changes() -> None:
 
 
 def test_seed_003_shapes_28_14_7_4_2() -> None:
-    model = build_model(load_config(ROOT / "configs/colored_denoise_ae.yaml").model)
+    model = build_model(load_config(ROOT / "configs/seeds/colored_denoise_ae.yaml").model)
     out = model(torch.rand(3, 3, 28, 28))
     assert out.z.shape == (3, 16 * 2 * 2) and out.recon.shape == (3, 3, 28, 28)
-    reg = build_model(load_config(ROOT / "configs/colored_denoise_reg.yaml").model)
+    reg = build_model(load_config(ROOT / "configs/seeds/colored_denoise_reg.yaml").model)
     kinds = {type(m).__name__ for m in reg.modules()}
     assert {"BatchNorm2d", "Dropout2d"} <= kinds
 
 
 def test_python_m_models_prints_counts() -> None:
-    proc = run_py(["-m", "aedist.models", "configs/mnist_mlp.yaml"])
+    proc = run_py(["-m", "aedist.models", "configs/seeds/mnist_mlp.yaml"])
     assert proc.returncode == 0, proc.stderr
     tail = proc.stdout.strip().splitlines()[-3:]
     assert tail == ["encoder params: 310864", "decoder params: 311640", "total params: 622504"]  # 784·392+392 + 392·8+8 and mirror

@@ -1,6 +1,6 @@
 """Model registry: ``build_model(cfg.model)`` -> a plain nn.Module with encode / decode / forward.
 
-    python -m aedist.models configs/fashion_rotated.yaml   # prints the model and its parameter counts
+    python -m aedist.models configs/seeds/fashion_rotated.yaml   # prints the model and its parameter counts
 """
 
 from __future__ import annotations
