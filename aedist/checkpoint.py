@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +135,48 @@ def find_resume(root: Path, resume: str) -> Path | None:
     if not path.is_dir():
         raise UserError(f"train.resume={resume!r}: no such checkpoint folder; use auto, never or a checkpoints/step-N path")
     return path
+
+
+class CheckpointPolicy:
+    """When to save: every ``train.checkpoint_every`` steps (else at each epoch end), on preemption,
+    the best val loss apart as ``best``, and once at the end, never twice for one step.
+    ``before_save`` runs first on every rank (the engine folds its running sums into the state)."""
+
+    def __init__(self, accelerator: Accelerator, root: Path, every: int, keep_last: int, before_save: Callable[[], None]) -> None:
+        self.accelerator = accelerator
+        self.root = root
+        self.every = every
+        self.keep_last = keep_last
+        self.before_save = before_save
+        self.saved_step = -1
+
+    def save(self, state: TrainState, name: str | None = None) -> Path:
+        """Save ``state`` as ``name`` (default ``step-N``) on every rank at the same step."""
+        self.before_save()
+        folder = save_checkpoint(self.accelerator, self.root, name or f"step-{state.step}", state, self.keep_last)
+        if name is None:
+            self.saved_step = state.step
+        return folder
+
+    def after_step(self, state: TrainState, preempted: bool) -> None:
+        if preempted or (self.every and state.step % self.every == 0):
+            self.save(state)
+
+    def after_epoch(self, state: TrainState, last: bool) -> None:
+        if not self.every and not last and self.saved_step != state.step:
+            self.save(state)
+
+    def after_eval(self, state: TrainState, val_loss: float | None) -> bool:
+        """Track the best val loss (no val split: no model selection); True when it improved."""
+        if val_loss is None:
+            return False
+        if val_loss < state.best_val:
+            state.best_val, state.best_epoch, state.epochs_since_best = val_loss, state.epoch, 0
+            self.save(state, "best")
+            return True
+        state.epochs_since_best += 1
+        return False
+
+    def finish(self, state: TrainState) -> None:
+        if self.saved_step != state.step:
+            self.save(state)

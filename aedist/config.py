@@ -2,10 +2,10 @@
 
     cfg = load_config("configs/seeds/fashion_rotated.yaml", ["train.epochs=3", "optim.lr=3e-4"])
 
-Every field carries a one-line doc (``metadata["doc"]``) and, where it has one, its allowed range or
-choices. A bad key, type or value raises :class:`~aedist.errors.UserError` naming the key, the value
-and what is allowed, so entry scripts exit with code 2 and one line. ``python -m aedist.config``
-prints the reference table that the README shows.
+pydantic checks types, ranges and choices; this module only turns its first complaint into one line
+naming the key, the value, what is allowed and (for typos) the closest valid name, raised as
+:class:`~aedist.errors.UserError` so entry scripts exit with code 2. Every field's ``description``
+is its one-line doc; ``python -m aedist.config`` prints the reference table that the README shows.
 """
 
 from __future__ import annotations
@@ -14,132 +14,162 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import os
 import sys
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 from aedist.errors import UserError
 
 
+def _number(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("expected a number")
+    if isinstance(v, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(v)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    return v
+
+
+def _text(v: Any) -> Any:
+    return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v  # run.name=123
+
+
+def _auto_or_bool(v: Any) -> Any:
+    if v == "auto" or isinstance(v, bool):
+        return v
+    raise ValueError("expected auto, true or false")
+
+
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Num = Annotated[float, BeforeValidator(_number)]
+Str = Annotated[str, BeforeValidator(_text), Strict()]
+AutoBool = Annotated[Literal["auto"] | bool, BeforeValidator(_auto_or_bool)]
+_SECTION = ConfigDict(extra="forbid")
+
+
 def _f(default: Any, doc: str, **rules: Any) -> Any:
-    """A dataclass field with a one-line doc and optional ``min``/``max`` rules."""
+    """A field with a one-line doc and optional pydantic rules (ge, le)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **rules})
-    return field(default=default, metadata={"doc": doc, **rules})
+        return Field(default_factory=lambda: type(default)(default), description=doc, **rules)
+    return Field(default, description=doc, **rules)
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class RunConfig:
-    name: str = _f("debug", "Run name: the folder runs/NAME and the W&B run name.")
-    dir: str = _f("runs", "Parent folder of all run folders.")
+    name: Str = _f("debug", "Run name: the folder runs/NAME and the W&B run name.")
+    dir: Str = _f("runs", "Parent folder of all run folders.")
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class DataConfig:
-    shards: str = _f("shards/fashion4", "Folder made by launch/pack.py (manifest.json + tar shards).")
-    batch_size: int = _f(256, "Global batch per optimizer step, split over ranks and accumulation.", min=1)
-    eval_batch_size: int = _f(1024, "Per-rank batch for validation, test and figures.", min=1)
-    shuffle_buffer: int = _f(8192, "Samples held by the shuffle buffer that mixes blocks.", min=0)
-    limit: int = _f(0, "Use at most this many samples per split (0 = all); for debugging.", min=0)
-    normalize: bool = _f(False, "Feed and reconstruct (x - 0.5) / 0.5 instead of [0, 1] (seed 001).")
+    shards: Str = _f("shards/fashion4", "Folder made by launch/pack.py (manifest.json + tar shards), or an http(s):// URL of one.")
+    batch_size: Int = _f(256, "Global batch per optimizer step, split over ranks and accumulation.", ge=1)
+    eval_batch_size: Int = _f(1024, "Per-rank batch for validation, test and figures.", ge=1)
+    shuffle_buffer: Int = _f(8192, "Samples held by the shuffle buffer that mixes blocks.", ge=0)
+    limit: Int = _f(0, "Use at most this many samples per split (0 = all); for debugging.", ge=0)
+    normalize: Bool = _f(False, "Feed and reconstruct (x - 0.5) / 0.5 instead of [0, 1].")
     on_error: Literal["raise", "skip"] = _f("raise", "A corrupt shard stops the run, or is skipped and counted.")
-    pin_memory: bool = _f(True, "Pin host batches before the device copy (only used with CUDA).")
+    pin_memory: Bool = _f(True, "Pin host batches before the device copy (only used with CUDA).")
+    cache_dir: Str = _f("~/.cache/aedist/shards", "Local cache for shards read from a URL.")
+    cache_max_gb: Num = _f(50.0, "Size bound of the URL shard cache; least recently used shards go first.", gt=0)
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class ModelConfig:
-    name: str = _f("conv_ae", "Registered model: conv_ae, conv_vae, mlp_ae, mlp_vae.")
-    in_channels: int = _f(1, "Image channels; must match the shards.", min=1)
-    image_size: int = _f(28, "Image height and width; must match the shards.", min=4)
-    latent_dim: int = _f(2, "Latent size; 0 keeps a conv encoder's flattened feature map (seed 003).", min=0)
-    channels: list[int] = _f([32, 64, 128], "Conv channels per stage.")
-    first_stride: int = _f(2, "Stride of the first stage's conv (1 keeps full resolution, seed 001).", min=1, max=2)
-    convs_per_stage: int = _f(1, "Convs per stage: 1, or 2 with an extra stride-1 conv (seed 001).", min=1, max=2)
-    hidden: list[int] = _f([392], "Hidden widths of MLP models.")
-    latent_act: bool = _f(False, "ReLU on the latent and after the decoder's first linear (seeds 001, 004).")
+    name: Str = _f("conv_ae", "Registered model (aedist.models.MODELS): conv_ae, conv_vae, mlp_ae, mlp_vae.")
+    in_channels: Int = _f(1, "Image channels; must match the shards.", ge=1)
+    image_size: Int = _f(28, "Image height and width; must match the shards.", ge=4)
+    latent_dim: Int = _f(2, "Latent size; 0 keeps a conv encoder's flattened feature map.", ge=0)
+    channels: list[Int] = _f([32, 64, 128], "Conv channels per stage.")
+    first_stride: Int = _f(2, "Stride of the first stage's conv (1 keeps full resolution).", ge=1, le=2)
+    convs_per_stage: Int = _f(1, "Convs per stage: 1, or 2 with an extra stride-1 conv.", ge=1, le=2)
+    hidden: list[Int] = _f([392], "Hidden widths of MLP models.")
+    latent_act: Bool = _f(False, "ReLU on the latent and after the decoder's first linear.")
     output_act: Literal["sigmoid", "none"] = _f("sigmoid", "Output activation of the decoder.")
-    dropout: float = _f(0.0, "Dropout probability (Dropout2d in conv models).", min=0.0, max=0.95)
-    dropout_at: list[int] = _f([], "Stage boundaries that get dropout; empty = after every layer.")
-    batchnorm: bool = _f(False, "BatchNorm after every hidden conv (seed 003's regularized AE).")
-    init: Literal["default", "xavier"] = _f("default", "Weight init; xavier = Xavier-uniform, bias 0.01 (seed 001).")
+    dropout: Num = _f(0.0, "Dropout probability (Dropout2d in conv models).", ge=0.0, le=0.95)
+    dropout_at: list[Int] = _f([], "Stage boundaries that get dropout; empty = after every layer.")
+    batchnorm: Bool = _f(False, "BatchNorm after every hidden conv.")
+    init: Literal["default", "xavier"] = _f("default", "Weight init; xavier = Xavier-uniform, bias 0.01.")
+    params: dict[str, Any] = _f({}, "Options of a model registered with its own parameter schema.")
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class LossConfig:
-    name: Literal["mse", "bce"] = _f("mse", "Reconstruction loss, mean over pixels.")
-    beta: float = _f(1.0, "Weight of the KL term for VAEs.", min=0.0)
+    name: Str = _f("mse", "Registered reconstruction loss (aedist.losses.LOSSES): mse, bce.")
+    beta: Num = _f(1.0, "Weight of the KL term for VAEs.", ge=0.0)
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class OptimConfig:
     name: Literal["adam", "adamw", "sgd"] = _f("adam", "Optimizer.")
-    lr: float = _f(1e-3, "Learning rate (never rescaled with the number of ranks).", min=0.0)
-    weight_decay: float = _f(0.0, "Weight decay (L2 for adam/sgd, decoupled for adamw).", min=0.0)
-    momentum: float = _f(0.0, "SGD momentum.", min=0.0, max=1.0)
+    lr: Num = _f(1e-3, "Learning rate (never rescaled with the number of ranks).", ge=0.0)
+    weight_decay: Num = _f(0.0, "Weight decay (L2 for adam/sgd, decoupled for adamw).", ge=0.0)
+    momentum: Num = _f(0.0, "SGD momentum.", ge=0.0, le=1.0)
     scheduler: Literal["none", "plateau", "cosine"] = _f("none", "LR schedule: none, ReduceLROnPlateau (see plateau_on), cosine.")
-    warmup_steps: int = _f(0, "Linear warmup steps for the cosine schedule.", min=0)
-    plateau_factor: float = _f(0.5, "ReduceLROnPlateau factor.", min=0.0, max=1.0)
-    plateau_patience: int = _f(3, "ReduceLROnPlateau patience in epochs.", min=0)
-    plateau_on: Literal["val", "train"] = _f("val", "Loss ReduceLROnPlateau watches: val loss (every eval) or epoch-mean train loss (seed 004).")
-    grad_clip: float = _f(0.0, "Clip the global grad norm to this (0 = off).", min=0.0)
-    fused: bool = _f(False, "Fused Adam kernels (CUDA only; ignored on CPU).")
+    warmup_steps: Int = _f(0, "Linear warmup steps for the cosine schedule.", ge=0)
+    plateau_factor: Num = _f(0.5, "ReduceLROnPlateau factor.", ge=0.0, le=1.0)
+    plateau_patience: Int = _f(3, "ReduceLROnPlateau patience in epochs.", ge=0)
+    plateau_on: Literal["val", "train"] = _f("val", "Loss ReduceLROnPlateau watches: val loss (every eval) or epoch-mean train loss.")
+    grad_clip: Num = _f(0.0, "Clip the global grad norm to this (0 = off).", ge=0.0)
+    fused: Bool = _f(False, "Fused Adam kernels (CUDA only; ignored on CPU).")
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class TrainConfig:
-    epochs: int = _f(10, "Epochs to train.", min=1)
-    max_steps: int = _f(0, "Stop after this many optimizer steps (0 = run all epochs).", min=0)
-    seed: int = _f(0, "Seed for weights, shuffling and corruption draws.", min=0)
-    grad_accum: int = _f(1, "Gradient accumulation steps per optimizer step.", min=1)
-    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "Autocast precision (bf16 works on CPU).")
-    channels_last: bool = _f(False, "channels_last memory format (a GPU speed-up).")
-    compile: bool = _f(False, "torch.compile the model.")
-    cpu: bool = _f(False, "Force CPU even where CUDA is present.")
-    checkpoint_every: int = _f(0, "Checkpoint every N optimizer steps (0 = at each epoch end).", min=0)
-    keep_last: int = _f(2, "Complete step checkpoints to keep (best is kept apart).", min=1)
-    resume: str = _f("auto", "auto = newest complete checkpoint of this run, never, or a checkpoint path.")
-    early_stop_patience: int = _f(0, "Stop after N epochs without a better val loss (0 = off).", min=0)
-    max_bad_steps: int = _f(0, "Skip up to N non-finite-loss steps before stopping (0 = stop on the first).", min=0)
-    eval_every: int = _f(1, "Validate and test every N epochs.", min=1)
+    epochs: Int = _f(10, "Epochs to train.", ge=1)
+    max_steps: Int = _f(0, "Stop after this many optimizer steps (0 = run all epochs).", ge=0)
+    seed: Int = _f(0, "RNG seed for weights, shuffling and corruption draws.", ge=0)
+    grad_accum: Int = _f(1, "Gradient accumulation steps per optimizer step.", ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f("auto", "Autocast precision; auto = bf16 where the device runs it natively, else no.")
+    channels_last: AutoBool = _f("auto", "channels_last memory format; auto = on for conv models under bf16 or CUDA.")
+    compile: AutoBool = _f("auto", "torch.compile the step; auto = on for runs long enough to repay the warm-up.")
+    cpu: Bool = _f(False, "Force CPU even where CUDA is present.")
+    checkpoint_every: Int = _f(0, "Checkpoint every N optimizer steps (0 = at each epoch end).", ge=0)
+    keep_last: Int = _f(2, "Complete step checkpoints to keep (best is kept apart).", ge=1)
+    resume: Str = _f("auto", "auto = newest complete checkpoint of this run, never, or a checkpoint path.")
+    early_stop_patience: Int = _f(0, "Stop after N epochs without a better val loss (0 = off).", ge=0)
+    max_bad_steps: Int = _f(0, "Skip up to N non-finite-loss steps before stopping (0 = stop on the first).", ge=0)
+    eval_every: Int = _f(1, "Validate and test every N epochs.", ge=1)
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class LogConfig:
     wandb: Literal["online", "offline", "disabled"] = _f("offline", "W&B mode; offline runs sync later with `wandb sync`.")
-    project: str = _f("aedist", "W&B project.")
-    entity: str | None = _f(None, "W&B entity (team or user).")
-    group: str | None = _f(None, "W&B group, e.g. one per sweep or seed experiment.")
-    tags: list[str] = _f([], "W&B tags.")
-    tensorboard: bool = _f(False, "Also log scalars to TensorBoard through Accelerate.")
-    every: int = _f(10, "Log step metrics every N optimizer steps.", min=1)
-    figures_every: int = _f(1, "Draw figures every N epochs (and always after the last).", min=1)
-    probe_size: int = _f(64, "Test images in the fixed probe set for figures.", min=8)
+    project: Str = _f("aedist", "W&B project.")
+    entity: Str | None = _f(None, "W&B entity (team or user).")
+    group: Str | None = _f(None, "W&B group, e.g. one per sweep or study.")
+    tags: list[Str] = _f([], "W&B tags.")
+    tensorboard: Bool = _f(False, "Also log scalars to TensorBoard through Accelerate.")
+    every: Int = _f(10, "Log step metrics every N optimizer steps.", ge=1)
+    figures_every: Int = _f(1, "Draw figures every N epochs (and always after the last).", ge=1)
+    probe_size: Int = _f(64, "Test images in the fixed probe set for figures.", ge=8)
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class EvalConfig:
-    corruptions: dict[str, list] = _f({}, "Named test-time corruption lists, e.g. {rotated: [{rotate: {max_degrees: 180}}]}.")
-    knn_k: int = _f(5, "Neighbours for the latent kNN class accuracy.", min=1)
-    knn_train: int = _f(5000, "Train samples whose latents fit the kNN classifier.", min=10)
+    corruptions: dict[str, list[Any]] = _f({}, "Named test-time corruption lists, e.g. {rotated: [{rotate: {max_degrees: 180}}]}.")
+    knn_k: Int = _f(5, "Neighbours for the latent kNN class accuracy.", ge=1)
+    knn_train: Int = _f(5000, "Train samples whose latents fit the kNN classifier.", ge=10)
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    corruption: list = field(default_factory=list, metadata={"doc": "Ordered training corruptions (see aedist.data.corrupt)."})
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    corruption: list[Any] = _f([], "Ordered training corruptions (registry: aedist.data.corruption.CORRUPTIONS).")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -152,85 +182,63 @@ class Config:
 
     def model_hash(self) -> str:
         """Hash of everything that fixes the shape of the weights; checkpoints must match it."""
-        blob = json.dumps(dataclasses.asdict(self.model), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        model = dataclasses.asdict(self.model)
+        if not model["params"]:  # runs from before model.params existed keep their hash
+            del model["params"]
+        return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------- validation
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "corruption"}
+_ADAPTER = TypeAdapter(Config)
 
 
-def _fail(key: str, value: Any, allowed: str) -> UserError:
-    return UserError(f"config key '{key}': bad value {value!r}; {allowed}")
+# ----------------------------------------------------------------------------- errors
 
 
-def _coerce(key: str, value: Any, tp: Any, meta: dict[str, Any]) -> Any:
-    """Check ``value`` against the annotation ``tp`` and the field's rules; return it coerced."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise _fail(key, value, f"allowed: {', '.join(map(str, choices))}{hint}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(key, value, args[0], meta)
-    if origin is list or tp is list:
-        if not isinstance(value, list):
-            raise _fail(key, value, "expected a list, e.g. [1, 2]")
-        (item,) = typing.get_args(tp) or (Any,)
-        return [v if item is Any else _coerce(f"{key}[{i}]", v, item, {}) for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _fail(key, value, "expected a mapping, e.g. {name: value}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _fail(key, value, "expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fail(key, value, "expected an integer")
-    elif tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fail(key, value, "expected a number")
-        value = float(value)
-    elif tp is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise _fail(key, value, "expected a string")
-        value = str(value)
-    if "min" in meta and value < meta["min"]:
-        raise _fail(key, value, f"must be >= {meta['min']}")
-    if "max" in meta and value > meta["max"]:
-        raise _fail(key, value, f"must be <= {meta['max']}")
-    return value
+def _known(path: tuple[Any, ...]) -> list[str]:
+    """Field names of the section at ``path`` (empty when it is not a section)."""
+    cls: Any = Config
+    for part in path:
+        fields = getattr(cls, "__pydantic_fields__", {})
+        if part not in fields:
+            return []
+        cls = fields[part].annotation
+    return list(getattr(cls, "__pydantic_fields__", {}))
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from ``data``, rejecting unknown keys with a suggestion."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            raise UserError(f"unknown config key '{path}'{hint} (known: {', '.join(fields)})")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise _fail(path, value, f"expected a section with keys {', '.join(f.name for f in dataclasses.fields(tp))}")
-            kwargs[key] = _build(tp, value, f"{path}.")
-        else:
-            kwargs[key] = _coerce(path, value, tp, dict(fields[key].metadata))
-    return cls(**kwargs)
+def _one_line(err: ValidationError) -> UserError:
+    """pydantic's first complaint as one line: key, value, what is allowed, the closest valid name."""
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    key = ".".join(map(str, loc))
+    if e["type"] == "unexpected_keyword_argument":
+        known = _known(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean '{'.'.join(map(str, (*loc[:-1], close[0])))}'?" if close else ""
+        return UserError(f"unknown config key '{key}'{hint} (known: {', '.join(known)})")
+    if e["type"] in ("dataclass_type", "dataclass_args_type"):
+        return UserError(f"config key '{key}': bad value {e['input']!r}; expected a section with keys {', '.join(_known(loc))}")
+    allowed = {
+        "literal_error": lambda: "allowed: " + e["ctx"]["expected"].replace("'", "").replace(" or ", ", "),
+        "greater_than_equal": lambda: f"must be >= {e['ctx']['ge']}",
+        "greater_than": lambda: f"must be > {e['ctx']['gt']}",
+        "less_than_equal": lambda: f"must be <= {e['ctx']['le']}",
+        "int_type": lambda: "expected an integer",
+        "int_from_float": lambda: "expected an integer",
+        "bool_type": lambda: "expected true or false",
+        "string_type": lambda: "expected a string",
+        "list_type": lambda: "expected a list, e.g. [1, 2]",
+        "dict_type": lambda: "expected a mapping, e.g. {name: value}",
+        "value_error": lambda: str(e["ctx"]["error"]),
+    }.get(e["type"], lambda: e["msg"])()
+    if e["type"] == "literal_error":
+        choices = [c.strip() for c in allowed.removeprefix("allowed: ").split(",")]
+        close = difflib.get_close_matches(str(e["input"]), choices, n=1)
+        allowed += f" (did you mean '{close[0]}'?)" if close else ""
+    return UserError(f"config key '{key}': bad value {e['input']!r}; {allowed}")
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -244,7 +252,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_override(item: str) -> dict[str, Any]:
-    """``"train.epochs=3"`` -> ``{"train": {"epochs": 3}}``; the value is read as YAML."""
+    """``"train.epochs=3"`` -> ``{"train": {"epochs": 3}}``; the value is read as YAML. A whole
+    section replaced by a scalar (``train=3``) is refused: it would silently drop the YAML's keys."""
     if "=" not in item:
         raise UserError(f"bad override '{item}': write key=value, e.g. train.epochs=3")
     key, raw = item.split("=", 1)
@@ -252,65 +261,66 @@ def parse_override(item: str) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    parts = key.strip().split(".")
+    if len(parts) == 1 and parts[0] in SECTIONS and not isinstance(value, dict):
+        raise UserError(f"bad override '{item}': '{parts[0]}' is a section; override one of its keys, "
+                        f"e.g. {parts[0]}.{_known((parts[0],))[0]}=...")
     out: dict[str, Any] = {}
     node = out
-    parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return out
 
 
-def validate_corruption(spec: list) -> None:
-    """Check the corruption list with the corruption module's own validator (kept lazy: torch import)."""
-    from aedist.data.corruption import validate_spec
-
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Validate a nested dict (a YAML file's content, a run's config.yaml) into a :class:`Config`."""
     try:
-        validate_spec(spec)
-    except ValueError as err:
-        raise UserError(f"config key 'corruption': {err}") from None
+        cfg = _ADAPTER.validate_python(data)
+    except ValidationError as err:
+        raise _one_line(err) from None
+    _check_registered(cfg)
+    return cfg
+
+
+def _check_registered(cfg: Config) -> None:
+    """Names that point into registries (model, loss, corruptions) must exist there; imported
+    lazily because the registries live beside their torch code."""
+    from aedist.data.corruption import validate_spec
+    from aedist.losses import LOSSES
+    from aedist.models import MODELS
+
+    MODELS.get(cfg.model.name, key="model.name").check_params(cfg.model)
+    LOSSES.get(cfg.loss.name, key="loss.name")
+    for key, spec in [("corruption", cfg.corruption), *((f"eval.corruptions.{k}", v) for k, v in cfg.eval.corruptions.items())]:
+        try:
+            validate_spec(spec)
+        except ValueError as err:
+            raise UserError(f"config key '{key}': {err}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path``, then ``key=value`` overrides, validated."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {str(p)!r} not found; pass an existing file such as configs/debug.yaml")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {str(p)!r} is not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {str(p)!r} must hold a mapping of sections")
+        data = read_yaml(path, "config file")
     for item in overrides or []:
         data = _merge(data, parse_override(item))
-    cfg = _build(Config, data, "")
-    validate_corruption(cfg.corruption)
-    for name, spec in cfg.eval.corruptions.items():
-        if not isinstance(spec, list):
-            raise _fail(f"eval.corruptions.{name}", spec, "expected a corruption list")
-        validate_corruption(spec)
-    return cfg
+    return config_from_dict(data)
 
 
-def sweep_args(config: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
-    """Accept W&B sweep arguments: ``${args_no_hyphens}`` passes everything as key=value, so
-    ``config=PATH`` picks the experiment file; inside a sweep agent each trial gets its own run
-    folder (``run.name`` + the agent's WANDB_RUN_ID), else ``train.resume=auto`` would continue
-    the previous trial."""
-    config = next((o.split("=", 1)[1] for o in overrides if o.startswith("config=")), config)
-    overrides = [o for o in overrides if not o.startswith("config=")]
-    run_id = os.environ.get("WANDB_RUN_ID")
-    if os.environ.get("WANDB_SWEEP_ID") and run_id:
-        overrides.append(f"run.name={load_config(config, overrides).run.name}-{run_id}")
-    return config, overrides
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a config from ``Config.to_dict()`` output (e.g. a run's config.yaml)."""
-    return _build(Config, data, "")
+def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML mapping from ``path``, or a one-line UserError saying what is wrong with the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {str(p)!r} not found; pass an existing file such as configs/debug.yaml")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"{what} {str(p)!r} is not valid YAML ({str(err).splitlines()[0]}); fix or restore it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {str(p)!r} must hold a mapping of sections")
+    return data
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -322,14 +332,14 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def reference_markdown() -> str:
     """The configuration reference as a Markdown table (kept in the README)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    for section in dataclasses.fields(Config):
-        tp = typing.get_type_hints(Config)[section.name]
-        if not dataclasses.is_dataclass(tp):
-            rows.append(f"| `{section.name}` | `[]` | {section.metadata['doc']} |")
+    for name, info in Config.__pydantic_fields__.items():
+        section = info.annotation
+        if not hasattr(section, "__pydantic_fields__"):
+            rows.append(f"| `{name}` | `[]` | {info.description} |")
             continue
-        for f in dataclasses.fields(tp):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            rows.append(f"| `{section.name}.{f.name}` | `{json.dumps(default)}` | {f.metadata['doc']} |")
+        for key, f in section.__pydantic_fields__.items():
+            default = f.get_default(call_default_factory=True)
+            rows.append(f"| `{name}.{key}` | `{json.dumps(default)}` | {f.description} |")
     return "\n".join(rows)
 
 

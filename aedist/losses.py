@@ -10,16 +10,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from collections.abc import Callable
+
 from aedist.config import LossConfig
 from aedist.models.ae import AEOutput
 from aedist.models.vae import LOGVAR_CLAMP
+from aedist.registry import Registry
+
+# Reconstruction losses: (pred, target) -> mean per-pixel loss, always reduced in float32.
+LOSSES: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("loss")
 
 
-def reconstruction(pred: torch.Tensor, target: torch.Tensor, name: str = "mse") -> torch.Tensor:
-    """Mean per-pixel MSE, or BCE (computed in float32, where autocast-safe BCE is defined)."""
-    if name == "bce":
-        return F.binary_cross_entropy(pred.float().clamp(1e-6, 1 - 1e-6), target.float())
+@LOSSES.register("mse")
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel squared error."""
     return F.mse_loss(pred.float(), target.float())
+
+
+@LOSSES.register("bce")
+def bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel binary cross-entropy on clamped probabilities (BCE is not autocast-safe)."""
+    return F.binary_cross_entropy(pred.float().clamp(1e-6, 1 - 1e-6), target.float())
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -30,7 +41,7 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def compute_loss(out: AEOutput, target: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
     """Named loss terms for a model output: ``loss`` (what is minimised), ``recon`` and, for VAEs, ``kl``."""
-    recon = reconstruction(out.recon, target, cfg.name)
+    recon = LOSSES.get(cfg.name, key="loss.name")(out.recon, target)
     if out.mu is None or out.logvar is None:
         return {"loss": recon, "recon": recon}
     kl = kl_divergence(out.mu, out.logvar) / target[0].numel()

@@ -13,32 +13,53 @@ Everything here is plain torch / scikit-learn: no Accelerator, no W&B.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
 
+from aedist.registry import Registry
+
 # Floors that keep a perfect reconstruction (or a black target) from producing ±inf, which would
 # poison a mean over images; 1e-10 MSE caps PSNR at 100 dB for data range 1.
 MSE_FLOOR = 1e-10
 POWER_FLOOR = 1e-20
 
-SUM_KEYS = ("sq_err", "n_pixels", "n_images", "signal_power", "psnr_sum", "snr_sum")
+# Reconstruction metrics: (pred, target) as float64 [B, P] in [0, 1] -> one value per image [B].
+# Reported values are means over images, so sums add up exactly over batches and ranks.
+METRICS: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("metric")
+
+
+@METRICS.register("mse")
+def _mse(p: Tensor, t: Tensor) -> Tensor:
+    # Every image has the same pixel count, so the mean of per-image MSEs is the all-pixel MSE.
+    return (t - p).square().mean(dim=1)
+
+
+@METRICS.register("psnr_db")
+def _psnr(p: Tensor, t: Tensor) -> Tensor:
+    return 10.0 * torch.log10(1.0 / (t - p).square().mean(dim=1).clamp_min(MSE_FLOOR))
+
+
+@METRICS.register("snr_db")
+def _snr(p: Tensor, t: Tensor) -> Tensor:
+    sig, err = t.square().sum(dim=1), (t - p).square().sum(dim=1)
+    return 10.0 * (torch.log10(sig.clamp_min(POWER_FLOOR)) - torch.log10(err.clamp_min(POWER_FLOOR)))
+
+
+SUM_KEYS = ("n_images", *METRICS)
 
 
 def batch_sums(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
-    """Per-batch sums that add up exactly over batches and ranks.
+    """Per-batch sums that add up exactly over batches and ranks: ``n_images`` and, for every
+    registered metric, the sum of its per-image values (0-d float64 tensors on ``pred``'s device).
 
     Args:
         pred: reconstructions ``[B, ...]`` (e.g. ``[B, C, H, W]``), values in the data range [0, 1].
         target: clean images, same shape as ``pred``.
-
-    Returns:
-        0-d float64 tensors on ``pred``'s device:
-        ``sq_err`` Σ (target − pred)², ``n_pixels`` number of elements, ``n_images`` B,
-        ``signal_power`` Σ target², ``psnr_sum`` Σ_images 10·log10(1 / max(MSE_i, 1e-10)),
-        ``snr_sum`` Σ_images 10·log10(Σ_i target² / Σ_i (target − pred)²) (both powers floored at 1e-20).
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
@@ -47,19 +68,9 @@ def batch_sums(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
     # float64 so that sums over a whole test set (≈10^7 pixels) lose nothing, even from bf16 inputs.
     p = pred.detach().to(torch.float64).flatten(1)
     t = target.detach().to(device=pred.device, dtype=torch.float64).flatten(1)
-    err = (t - p).square().sum(dim=1)  # [B]
-    sig = t.square().sum(dim=1)  # [B]
-    per_image_mse = (err / p.shape[1]).clamp_min(MSE_FLOOR)
-    psnr = 10.0 * torch.log10(1.0 / per_image_mse)
-    snr = 10.0 * (torch.log10(sig.clamp_min(POWER_FLOOR)) - torch.log10(err.clamp_min(POWER_FLOOR)))
-    return {
-        "sq_err": err.sum(),
-        "n_pixels": torch.tensor(float(p.numel()), dtype=torch.float64, device=pred.device),
-        "n_images": torch.tensor(float(p.shape[0]), dtype=torch.float64, device=pred.device),
-        "signal_power": sig.sum(),
-        "psnr_sum": psnr.sum(),
-        "snr_sum": snr.sum(),
-    }
+    sums = {"n_images": torch.tensor(float(p.shape[0]), dtype=torch.float64, device=pred.device)}
+    sums.update({name: fn(p, t).sum() for name, fn in METRICS.items()})
+    return sums
 
 
 def accumulate(total: dict[str, Tensor] | None, sums: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -70,21 +81,10 @@ def accumulate(total: dict[str, Tensor] | None, sums: dict[str, Tensor]) -> dict
 
 
 def finalize(sums: dict[str, Tensor], prefix: str) -> dict[str, float]:
-    """Turn (all-reduced) sums into metrics.
-
-    Returns ``{prefix}/mse`` (mean over all pixels), ``{prefix}/psnr_db`` and ``{prefix}/snr_db``
-    (means of the per-image values, in dB). All are NaN when no image was counted.
-    """
+    """Turn (all-reduced) sums into ``{prefix}/NAME`` means over images for every registered
+    metric (mse, psnr_db, snr_db, ...); NaN when no image was counted."""
     n_img = float(sums["n_images"])
-    n_pix = float(sums["n_pixels"])
-    if n_img <= 0 or n_pix <= 0:
-        nan = float("nan")
-        return {f"{prefix}/mse": nan, f"{prefix}/psnr_db": nan, f"{prefix}/snr_db": nan}
-    return {
-        f"{prefix}/mse": float(sums["sq_err"]) / n_pix,
-        f"{prefix}/psnr_db": float(sums["psnr_sum"]) / n_img,
-        f"{prefix}/snr_db": float(sums["snr_sum"]) / n_img,
-    }
+    return {f"{prefix}/{name}": float(sums[name]) / n_img if n_img > 0 else float("nan") for name in METRICS}
 
 
 def mse(pred: Tensor, target: Tensor) -> float:

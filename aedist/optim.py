@@ -24,19 +24,43 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, on_cuda: bool) -> torch.
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=(cfg.fused and on_cuda) or None)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None:
-    """None, ReduceLROnPlateau (stepped per epoch on val loss), or linear warmup then cosine (per step)."""
-    if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
-    if cfg.scheduler == "cosine":
-        warmup = cfg.warmup_steps
+class Schedule:
+    """The learning-rate schedule behind three hooks the loop calls: :meth:`after_step` (cosine),
+    :meth:`after_epoch` with the epoch-mean train loss and :meth:`after_eval` with the val loss
+    (ReduceLROnPlateau, on whichever ``optim.plateau_on`` names). Its state rides in checkpoints."""
 
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total_steps - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> None:
+        self.cfg = cfg
+        self.inner: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
+        if cfg.scheduler == "plateau":
+            self.inner = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
+        elif cfg.scheduler == "cosine":
+            warmup = cfg.warmup_steps
 
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return None
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                progress = (step - warmup) / max(1, total_steps - warmup)
+                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+            self.inner = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def after_step(self) -> None:
+        if self.cfg.scheduler == "cosine":
+            self.inner.step()
+
+    def after_epoch(self, train_loss: float) -> None:
+        if self.cfg.scheduler == "plateau" and self.cfg.plateau_on == "train":
+            self.inner.step(train_loss)
+
+    def after_eval(self, val_loss: float | None) -> None:
+        if self.cfg.scheduler == "plateau" and self.cfg.plateau_on == "val" and val_loss is not None:
+            self.inner.step(val_loss)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict() if self.inner is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.inner is not None:
+            self.inner.load_state_dict(state)

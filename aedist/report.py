@@ -1,6 +1,5 @@
-"""Evaluate finished runs (eval.json + figures) and write the results report.
+"""The results report over finished runs: one Markdown table, claims checked, figures, commands.
 
-    python launch/evaluate.py runs/NAME          # -> runs/NAME/eval.json, runs/NAME/figures/
     python launch/report.py runs/* --out docs/RESULTS.md
 """
 
@@ -9,59 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import yaml
-from accelerate import Accelerator
-from safetensors.torch import load_file
 
-from aedist import metrics
-from aedist.checkpoint import newest_checkpoint, read_matching_state
-from aedist.config import config_from_dict
-from aedist.data import read_manifest
 from aedist.errors import UserError
-from aedist.evaluation import draw_figures, evaluate_split, knn_metric, load_probe
-from aedist.models import build_model
 
-
-def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | None = None, wandb: bool = True) -> Path:
-    """Metrics and figures of a run's checkpoint; returns the path of the eval.json it wrote."""
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise UserError(f"{run} is not a run folder (no config.yaml); pass runs/NAME as made by launch/train.py")
-    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    cfg.run.dir, cfg.run.name = str(run.parent), run.name
-    folder = run / "checkpoints" / checkpoint if checkpoint else newest_checkpoint(run / "checkpoints")
-    if folder is None or not (folder / "COMPLETE").exists():
-        raise UserError(f"{run} has no complete checkpoint{' ' + checkpoint if checkpoint else ''}; train it first")
-    state = read_matching_state(folder, cfg.model_hash(), fix=f"it does not belong to {run}/config.yaml")
-    if not wandb:
-        cfg.log.wandb = "disabled"
-    from aedist.tracking import Tracker, trackers_for
-
-    acc = Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available(), log_with=trackers_for(cfg) or None,
-                      project_dir=str(run))
-    model = build_model(cfg.model).to(acc.device)
-    model.load_state_dict(load_file(folder / "model.safetensors", device=str(acc.device)))
-    model.eval()
-
-    values, latents = evaluate_split(model, cfg, acc, split)
-    values.update(knn_metric(model, cfg, acc, latents))
-    z = torch.from_numpy(latents[0]["clean"])
-    values.update({f"{split}/latent_{k}": v for k, v in metrics.latent_gaussianity(z).items()})
-    values.update({"checkpoint_step": state.step, "epoch": state.epoch})
-    out = run / "eval.json"
-    out.write_text(json.dumps(values, indent=2))
-
-    tracker = Tracker(acc, cfg, state.wandb_run_id)  # the training run's W&B id: same run, resumed
-    figs = draw_figures(model, cfg, load_probe(cfg, acc.device), latents, read_manifest(cfg.data.shards).classes, full=True)
-    # W&B drops history rows whose step is below the run's last one, so evaluation logs one step later.
-    tracker.log({f"eval/{k}": v for k, v in values.items()}, step=state.step + 1, epoch=state.epoch)
-    tracker.log_images({k.replace("figures/", "eval/"): v for k, v in figs.items()}, step=state.step + 1, epoch=state.epoch)
-    tracker.close()
-    return out
-
-
-# ----------------------------------------------------------------------------- report
 
 COLUMNS = ["run", "dataset", "epochs", "test MSE", "PSNR / SNR dB", "corrupted-input MSE", "kNN acc", "wall", "img/s"]
 

@@ -19,7 +19,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
     args = parser.parse_args(argv)
 
-    from aedist.report import evaluate_run
+    from aedist.evaluation.run import evaluate_run
 
     out = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, wandb=not args.no_wandb)
     print(f"wrote {out}")

@@ -14,7 +14,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from aedist.config import load_config, sweep_args
+from aedist.config import load_config
+from aedist.sweeps import sweep_args
 from aedist.errors import run_cli
 
 DEBUG_OVERRIDES = ["data.limit=512", "train.max_steps=8", "train.epochs=1", "log.wandb=offline", "log.every=1"]
@@ -38,7 +39,7 @@ def main(argv: Sequence[str]) -> int:
     if args.debug:
         torch.autograd.set_detect_anomaly(True)
     try:
-        return train(cfg)
+        return train(cfg, debug=args.debug)
     except Diverged as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1

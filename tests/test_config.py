@@ -83,7 +83,7 @@ def test_every_sweep_trial_resolves_to_a_valid_config(path: Path, monkeypatch: p
 
     import yaml
 
-    from aedist.config import sweep_args
+    from aedist.sweeps import sweep_args
 
     sweep = yaml.safe_load(path.read_text())
     assert sweep["program"] == "launch/train.py" and "${args_no_hyphens}" in sweep["command"]

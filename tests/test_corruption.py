@@ -11,6 +11,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from aedist.data.corruption import (
+    CORRUPTIONS,
     _rot90_gather,
     corrupt,
     gaussian_noise,
@@ -22,14 +23,11 @@ from aedist.data.corruption import (
     validate_spec,
 )
 
-ALL_OPS = [
-    [{"rotate": {"max_degrees": 180}}],
-    [{"rot90": {}}],
-    [{"jigsaw": {"grid": 4}}],
-    [{"gaussian_noise": {"sigma": 0.2}}],
-    [{"copies": {"n": 2}}],
-    [{"copies": {"n": 1, "max_degrees": 45}}, {"rot90": {}}, {"jigsaw": {"grid": 2}}, {"gaussian_noise": {"sigma": 0.1}}],
-]
+# Every registered op on its own (required parameters at a small legal value), then a chain of all.
+ALL_OPS = [[{name: {k: (2 if tp is int else 0.2) for k, (tp, default, _) in op.params.items() if default is None}}]
+           for name, op in CORRUPTIONS.items()]
+ALL_OPS.append([{"copies": {"n": 1, "max_degrees": 45}}, {"rot90": {}}, {"jigsaw": {"grid": 2}}, {"gaussian_noise": {"sigma": 0.1}}])
+assert len(ALL_OPS) >= 6
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -262,7 +260,7 @@ def test_validate_fills_defaults() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ([{"rotat": {}}], "corruption[0]: unknown op 'rotat'; did you mean 'rotate'? (known: rotate, rot90, jigsaw, gaussian_noise, copies)"),
+        ([{"rotat": {}}], "corruption[0]: unknown op 'rotat'; did you mean 'rotate'? (known: copies, gaussian_noise, jigsaw, rot90, rotate)"),
         ([{"rot90": {}}, {"rotate": {"max_degree": 90}}], "corruption[1]: rotate has no parameter 'max_degree'; did you mean 'max_degrees'?"),
         ([{"gaussian_noise": {}}], "corruption[0]: gaussian_noise needs 'sigma'"),
         ([{"gaussian_noise": {"sigma": -1}}], "corruption[0]: gaussian_noise.sigma = -1 is not allowed; expected a number >= 0"),

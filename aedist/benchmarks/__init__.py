@@ -6,11 +6,12 @@ rows of measured throughput and the ratios between cases of that same run.
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from collections.abc import Callable
 from typing import TypedDict
+
+from aedist.sysinfo import peak_rss_mb, vm_hwm_mb  # noqa: F401  (re-exported for the suites)
 
 SUITES = ("data", "corruption", "train")
 
@@ -22,20 +23,6 @@ class Row(TypedDict):
     peak_rss_mb: float
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def vm_hwm_mb() -> float:
-    """This process's own peak RSS in MiB from /proc (ru_maxrss would include what a fork inherited)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return peak_rss_mb()
 
 
 def median_rate(fn: Callable[[], int], repeats: int = 5, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,14 +22,26 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-# Parameters of each op: name -> (type, default or None when required, lower bound).
-OPS: dict[str, dict[str, tuple[type, Any, float | None]]] = {
-    "rotate": {"max_degrees": (float, 180.0, 0.0), "fill": (float, 0.0, None)},
-    "rot90": {},
-    "jigsaw": {"grid": (int, 4, 1)},  # 4 x 4 patches of 7 px on 28 x 28 images
-    "gaussian_noise": {"sigma": (float, None, 0.0)},
-    "copies": {"n": (int, None, 1), "max_degrees": (float, 180.0, 0.0), "fill": (float, 0.0, None)},
-}
+from aedist.registry import Registry
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """A registered op: ``apply(x, params, generator) -> (inputs, draws)`` plus its parameter
+    schema (name -> (type, default or None when required, lower bound)) and what it does to a
+    batch: ``geometric`` (moves pixels: rotation figures apply), ``grows_batch`` (returns k*B
+    images; targets are repeated to match), ``fits(params, (C, H, W))`` (None or why the op cannot
+    run on such images)."""
+
+    name: str
+    apply: Callable[[Tensor, dict[str, Any], torch.Generator | None], tuple[Tensor, dict[str, Any]]]
+    params: dict[str, tuple[type, Any, float | None]] = field(default_factory=dict)
+    geometric: bool = False
+    grows_batch: bool = False
+    fits: Callable[[dict[str, Any], tuple[int, ...]], str | None] = lambda p, shape: None
+
+
+CORRUPTIONS: Registry[Corruption] = Registry("corruption", wrap=Corruption)
 
 
 def _hint(word: str, known: list[str]) -> str:
@@ -35,15 +49,16 @@ def _hint(word: str, known: list[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def validate_spec(spec: list) -> list[dict[str, dict[str, Any]]]:
+def validate_spec(spec: list, image_shape: tuple[int, ...] | None = None) -> list[dict[str, dict[str, Any]]]:
     """Check a corruption list and return it with defaults filled, e.g. ``[{"rot90": {}}]``.
 
-    Each entry is ``{op: {param: value}}`` (or a bare op name). Raises ``ValueError`` with one line
-    naming the entry index, the bad op or parameter and what is allowed.
+    Each entry is ``{op: {param: value}}`` (or a bare op name). With ``image_shape`` (C, H, W) each
+    op also checks that it can run on such images. Raises ``ValueError`` with one line naming the
+    entry index, the bad op or parameter and what is allowed.
     """
     if not isinstance(spec, list):
         raise ValueError(f"corruption: expected a list of {{op: {{param: value}}}} entries, got {spec!r}")
-    known = list(OPS)
+    known = list(CORRUPTIONS)
     out: list[dict[str, dict[str, Any]]] = []
     for i, entry in enumerate(spec):
         where = f"corruption[{i}]"
@@ -52,10 +67,10 @@ def validate_spec(spec: list) -> list[dict[str, dict[str, Any]]]:
         if not isinstance(entry, dict) or len(entry) != 1:
             raise ValueError(f"{where}: expected one mapping {{op: {{param: value}}}}, got {entry!r} (ops: {', '.join(known)})")
         (op, params), = entry.items()
-        if op not in OPS:
+        if op not in CORRUPTIONS:
             raise ValueError(f"{where}: unknown op {op!r}{_hint(str(op), known)} (known: {', '.join(known)})")
         params = {} if params is None else params
-        schema = OPS[op]
+        schema = CORRUPTIONS.get(op).params
         allowed = ", ".join(schema) or "none"
         if not isinstance(params, dict):
             raise ValueError(f"{where}: {op} takes a mapping of parameters ({allowed}), got {params!r}")
@@ -73,6 +88,8 @@ def validate_spec(spec: list) -> list[dict[str, dict[str, Any]]]:
             if isinstance(value, bool) or not ok or (low is not None and value < low) or (tp is float and not math.isfinite(value)):
                 raise ValueError(f"{where}: {op}.{key} = {value!r} is not allowed; expected {kind}{bound}")
             clean[key] = tp(value)
+        if image_shape is not None and (why := CORRUPTIONS.get(op).fits(clean, tuple(image_shape))):
+            raise ValueError(f"{where}: {op} {why}")
         out.append({op: clean})
     return out
 
@@ -217,6 +234,56 @@ def copies(x: Tensor, angles_deg: Tensor, fill: float = 0.0) -> Tensor:
     return out
 
 
+def spec_is_geometric(spec: list) -> bool:
+    """Whether any op of ``spec`` moves pixels (rotations, turns, shuffles)."""
+    return any(CORRUPTIONS.get(op).geometric for entry in validate_spec(spec) for op in entry)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def _divides(p: dict[str, Any], shape: tuple[int, ...]) -> str | None:
+    h, w = shape[-2:]
+    return None if h % p["grid"] == 0 and w % p["grid"] == 0 else f"grid {p['grid']} must divide the image size {h}x{w}"
+
+
+def _square(p: dict[str, Any], shape: tuple[int, ...]) -> str | None:
+    return None if shape[-1] == shape[-2] else f"needs square images, got {shape[-2]}x{shape[-1]}"
+
+
+@CORRUPTIONS.register("rotate", params={"max_degrees": (float, 180.0, 0.0), "fill": (float, 0.0, None)}, geometric=True)
+def _apply_rotate(x: Tensor, p: dict[str, Any], generator: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+    angles = (_uniform(x.shape[0], generator, x.device) * 2 - 1) * p["max_degrees"]
+    return rotate(x, angles, p["fill"]), {"angles": angles}
+
+
+@CORRUPTIONS.register("rot90", geometric=True, fits=_square)
+def _apply_rot90(x: Tensor, p: dict[str, Any], generator: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+    k = torch.randint(0, 4, (x.shape[0],), generator=generator, device=x.device)
+    return rot90(x, k), {"k": k}
+
+
+@CORRUPTIONS.register("jigsaw", params={"grid": (int, 4, 1)}, geometric=True, fits=_divides)  # 4x4 patches of 7 px on 28x28
+def _apply_jigsaw(x: Tensor, p: dict[str, Any], generator: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+    # argsort of uniform keys: an unbiased random permutation per row, all rows at once.
+    perm = _uniform(x.shape[0] * p["grid"] ** 2, generator, x.device).view(x.shape[0], -1).argsort(dim=1)
+    return jigsaw(x, perm, p["grid"]), {"perm": perm, "grid": p["grid"]}
+
+
+@CORRUPTIONS.register("gaussian_noise", params={"sigma": (float, None, 0.0)})
+def _apply_noise(x: Tensor, p: dict[str, Any], generator: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+    # A fresh seed drawn from the run's generator makes the noise replayable from one int.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x.device).item())
+    return gaussian_noise(x, p["sigma"], seed), {"sigma": p["sigma"], "seed": seed}
+
+
+@CORRUPTIONS.register("copies", params={"n": (int, None, 1), "max_degrees": (float, 180.0, 0.0), "fill": (float, 0.0, None)},
+                      geometric=True, grows_batch=True)
+def _apply_copies(x: Tensor, p: dict[str, Any], generator: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+    angles = (_uniform(p["n"] * x.shape[0], generator, x.device) * 2 - 1) * p["max_degrees"]
+    return copies(x, angles, p["fill"]), {"n": p["n"], "angles": angles}
+
+
 # ----------------------------------------------------------------------------- composition
 
 
@@ -234,27 +301,11 @@ def corrupt(x: Tensor, spec: list[dict], generator: torch.Generator | None = Non
     if spec and not x.is_floating_point():
         raise TypeError(f"corrupt needs float images in [0, 1], got {x.dtype}; convert with x.float() / 255")
     inputs, targets, params = x, x, {}
-    dev = x.device
     for i, entry in enumerate(spec):
         (op, p), = entry.items()
         b = inputs.shape[0]
         key = op if op not in params else f"{op}#{i}"
-        if op == "rotate":
-            angles = (_uniform(b, generator, dev) * 2 - 1) * p["max_degrees"]
-            inputs, params[key] = rotate(inputs, angles, p["fill"]), {"angles": angles}
-        elif op == "rot90":
-            k = torch.randint(0, 4, (b,), generator=generator, device=dev)
-            inputs, params[key] = rot90(inputs, k), {"k": k}
-        elif op == "jigsaw":
-            # argsort of uniform keys: an unbiased random permutation per row, all rows at once.
-            perm = _uniform(b * p["grid"] ** 2, generator, dev).view(b, -1).argsort(dim=1)
-            inputs, params[key] = jigsaw(inputs, perm, p["grid"]), {"perm": perm, "grid": p["grid"]}
-        elif op == "gaussian_noise":
-            # A fresh seed drawn from the run's generator makes the noise replayable from one int.
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=dev).item())
-            inputs, params[key] = gaussian_noise(inputs, p["sigma"], seed), {"sigma": p["sigma"], "seed": seed}
-        elif op == "copies":
-            angles = (_uniform(p["n"] * b, generator, dev) * 2 - 1) * p["max_degrees"]
-            inputs, params[key] = copies(inputs, angles, p["fill"]), {"n": p["n"], "angles": angles}
-            targets = targets.repeat(p["n"] + 1, 1, 1, 1)
+        inputs, params[key] = CORRUPTIONS.get(op).apply(inputs, p, generator)
+        if inputs.shape[0] != b:  # a batch-growing op: every input keeps its clean original as target
+            targets = targets.repeat(inputs.shape[0] // b, 1, 1, 1)
     return inputs, targets, params

@@ -6,11 +6,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
 from torch import nn
 
 from aedist.config import ModelConfig
 from aedist.errors import UserError
+from aedist.registry import Registry
 from aedist.models.ae import AEOutput, Autoencoder
 from aedist.models.conv import ConvDecoder, ConvEncoder
 from aedist.models.mlp import MLPDecoder, MLPEncoder
@@ -18,17 +22,35 @@ from aedist.models.vae import VAE
 
 __all__ = ["AEOutput", "MODELS", "build_model", "count_params", "register_model"]
 
-MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {}
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered builder; ``params`` is the (pydantic) dataclass of its own ``model.params`` keys."""
+
+    name: str
+    build: Callable[..., nn.Module]
+    params: type | None = None
+
+    def check_params(self, cfg: ModelConfig) -> Any:
+        """``cfg.params`` validated against this model's schema (None for models without one)."""
+        if self.params is None:
+            if cfg.params:
+                raise UserError(f"config key 'model.params': model '{self.name}' takes no params, got {sorted(cfg.params)}")
+            return None
+        try:
+            return TypeAdapter(self.params).validate_python(cfg.params)
+        except ValidationError as err:
+            e = err.errors()[0]
+            key = ".".join(map(str, ("model.params", *e["loc"])))
+            raise UserError(f"config key '{key}': bad value {e['input']!r}; {e['msg']}") from None
+
+    def __call__(self, cfg: ModelConfig) -> nn.Module:
+        params = self.check_params(cfg)
+        return self.build(cfg) if self.params is None else self.build(cfg, params)
 
 
-def register_model(name: str) -> Callable[[Callable[[ModelConfig], nn.Module]], Callable[[ModelConfig], nn.Module]]:
-    """Decorator adding a builder ``ModelConfig -> nn.Module`` to the registry."""
-
-    def add(fn: Callable[[ModelConfig], nn.Module]) -> Callable[[ModelConfig], nn.Module]:
-        MODELS[name] = fn
-        return fn
-
-    return add
+MODELS: Registry[ModelEntry] = Registry("model", wrap=ModelEntry)
+register_model = MODELS.register  # @register_model("name"[, params=MyParams]) def build(cfg[, params]) -> nn.Module
 
 
 def _bodies(cfg: ModelConfig, kind: str) -> tuple[nn.Module, nn.Module, int]:
@@ -73,9 +95,7 @@ def _xavier(module: nn.Module) -> None:
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Build the registered model ``cfg.name``; a name not in the registry is a UserError."""
-    if cfg.name not in MODELS:
-        raise UserError(f"config key 'model.name': unknown model {cfg.name!r}; registered: {', '.join(sorted(MODELS))}")
-    model = MODELS[cfg.name](cfg)
+    model = MODELS.get(cfg.name, key="model.name")(cfg)
     if cfg.init == "xavier":
         model.apply(_xavier)
     return model

@@ -1,0 +1,158 @@
+"""The figure set: one registered function per figure, drawn on a fixed probe of test images.
+
+A figure is ``fn(ctx) -> {key: HxWx3 uint8 array}`` (empty when it does not apply to the run):
+
+    @FIGURES.register("my_figure")
+    def my_figure(ctx: FigureContext) -> dict[str, np.ndarray]:
+        return {"figures/my_figure": visuals.image_grid(ctx.recon(ctx.x[:8]), nrow=8)}
+
+The engine draws them every ``log.figures_every`` epochs (``ctx.full`` adds the slow t-SNE views
+at the end), ``launch/evaluate.py`` once more on the final checkpoint; each lands in W&B and in
+``runs/NAME/figures/`` as ``KEY_epochNNN.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from aedist import visuals
+from aedist.batch import prepare_batch, to_pixels
+from aedist.config import Config
+from aedist.data import load_batches
+from aedist.data.corruption import make_generator, rotate, spec_is_geometric
+from aedist.evaluation.passes import EVAL_STEP, Latents
+from aedist.registry import Registry
+
+FIGURES: Registry[Callable[[FigureContext], dict[str, np.ndarray]]] = Registry("figure")
+
+
+@dataclass
+class FigureContext:
+    """What every figure may use: the model in eval mode, the probe images (pixels) and labels, the
+    test latents of the last evaluation, the class names and whether to draw the slow views."""
+
+    model: nn.Module
+    cfg: Config
+    x: torch.Tensor  # [P, C, H, W] in [0, 1]
+    y: torch.Tensor  # [P]
+    latents: Latents
+    class_names: list[str]
+    full: bool
+
+    def recon(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The model's reconstruction of pixel images, back in pixels."""
+        norm = self.cfg.data.normalize
+        return to_pixels(self.model(prepare_batch(pixels, [], None, normalize=norm).inputs).recon.float(), norm).clamp(0, 1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return to_pixels(self.model.decode(z).float(), self.cfg.data.normalize).clamp(0, 1)
+
+    def first_of_each_class(self) -> list[int]:
+        """Probe indices of the first image of every class present, in class order."""
+        return [int((self.y == c).nonzero()[0]) for c in torch.unique(self.y).tolist()]
+
+
+def load_probe(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed probe set: the first ``log.probe_size`` test images, the same every epoch."""
+    xs, ys = [], []
+    for images, y in load_batches(cfg.data.shards, "test", cfg.log.probe_size, device=device, shuffle=False,
+                                  drop_last=False, limit=cfg.log.probe_size, on_error=cfg.data.on_error):
+        xs.append(images)
+        ys.append(y)
+    return torch.cat(xs).float() / 255.0, torch.cat(ys)
+
+
+@torch.no_grad()
+def draw_figures(model: nn.Module, cfg: Config, probe: tuple[torch.Tensor, torch.Tensor], latents: Latents,
+                 class_names: list[str], full: bool) -> dict[str, np.ndarray]:
+    """Every registered figure that applies to this run, keyed ``figures/NAME``."""
+    was_training = model.training
+    model.eval()
+    ctx = FigureContext(model, cfg, probe[0], probe[1], latents, class_names, full)
+    figs: dict[str, np.ndarray] = {}
+    for _, fn in FIGURES.items():
+        figs.update(fn(ctx))
+    model.train(was_training)
+    return figs
+
+
+@FIGURES.register("recon")
+def recon(ctx: FigureContext) -> dict[str, np.ndarray]:
+    """Clean / corrupted / reconstructed rows for the training corruption and each eval corruption."""
+    show = ctx.x[:16]
+    out = {}
+    for key, spec, step in [("recon", ctx.cfg.corruption, EVAL_STEP - 1),
+                            *((f"recon_{n}", s, EVAL_STEP - 2) for n, s in ctx.cfg.eval.corruptions.items())]:
+        inputs = prepare_batch(show, spec, make_generator(ctx.cfg.train.seed, 0, step, show.device)).pixel_inputs
+        if len(inputs) > len(show):  # a batch-growing corruption puts the originals first: show the first copies
+            inputs = inputs[len(show): 2 * len(show)]
+        out[f"figures/{key}"] = visuals.recon_grid(show, inputs, ctx.recon(inputs))
+    return out
+
+
+@FIGURES.register("latent")
+def latent(ctx: FigureContext) -> dict[str, np.ndarray]:
+    """The latent plane itself in 2-D; PCA otherwise, plus t-SNE in 2-D and 3-D on the full draw."""
+    z, labels = ctx.latents[0]["clean"], ctx.latents[1]
+    if not len(z):
+        return {}
+    if z.shape[1] == 2:
+        return {"figures/latent": visuals.latent_scatter(z, labels, ctx.class_names)}
+    out = {"figures/latent_pca": visuals.latent_scatter(z, labels, ctx.class_names, method="pca")}
+    if ctx.full:
+        sub = slice(0, 2000)  # t-SNE is quadratic-ish; 2000 points keep it to seconds on 2 cores
+        out["figures/latent_tsne"] = visuals.latent_scatter(z[sub], labels[sub], ctx.class_names, method="tsne")
+        out["figures/latent_tsne3d"] = visuals.latent_scatter(z[sub], labels[sub], ctx.class_names, method="tsne", dims=3)
+    return out
+
+
+@FIGURES.register("interpolation")
+def interpolation(ctx: FigureContext) -> dict[str, np.ndarray]:
+    """An 8-step latent path between the first probe images of the first two classes."""
+    firsts = ctx.first_of_each_class()
+    if len(firsts) < 2:
+        return {}
+    a, b = firsts[:2]
+    norm = ctx.cfg.data.normalize
+    za, zb = (ctx.model.encode(prepare_batch(ctx.x[i:i + 1], [], None, normalize=norm).inputs) for i in (a, b))
+    path = visuals.interpolate_latents(za[0], zb[0], steps=8)
+    names = [ctx.class_names[int(ctx.y[i])] for i in (a, b)]
+    return {"figures/interpolation": visuals.interpolation_strip(ctx.decode(path.to(za.dtype)), title=f"{names[0]} -> {names[1]}")}
+
+
+@FIGURES.register("rotation_panel")
+def rotation_panel(ctx: FigureContext) -> dict[str, np.ndarray]:
+    """One image per class at 10 angles with its reconstruction and latent path (rotation runs only)."""
+    specs = [ctx.cfg.corruption, *ctx.cfg.eval.corruptions.values()]
+    firsts = ctx.first_of_each_class()
+    if not firsts or not any(spec_is_geometric(s) for s in specs):
+        return {}
+    images = ctx.x[firsts]  # [K, C, H, W]
+    angles = torch.linspace(0, 360, 11, device=images.device)[:-1]
+    k, a = len(firsts), len(angles)
+    rotated = rotate(images.repeat_interleave(a, 0), angles.repeat(k))
+    norm = ctx.cfg.data.normalize
+    out = ctx.model(prepare_batch(rotated, [], None, normalize=norm).inputs)
+    shape = (k, a, *images.shape[1:])
+    return {"figures/rotation_panel": visuals.rotation_panel(
+        rotated.view(shape), to_pixels(out.recon.float(), norm).clamp(0, 1).view(shape), out.z.float().view(k, a, -1),
+        [ctx.class_names[int(ctx.y[i])] for i in firsts], angles.tolist())}
+
+
+@FIGURES.register("prior_samples")
+def prior_samples(ctx: FigureContext) -> dict[str, np.ndarray]:
+    """VAEs only: decodes of z ~ N(0, I), and the decoded latent plane when the latent is 2-D."""
+    if not hasattr(ctx.model.encoder, "logvar"):
+        return {}
+    d = ctx.model.latent_dim
+    zs = torch.randn(64, d, generator=torch.Generator(device="cpu").manual_seed(ctx.cfg.train.seed)).to(ctx.x.device)
+    out = {"figures/prior_samples": visuals.prior_samples(ctx.decode(zs))}
+    if d == 2:
+        plane = visuals.latent_plane(grid=8, extent=3.0).to(ctx.x.device)
+        out["figures/latent_grid"] = visuals.latent_grid(ctx.decode(plane), extent=3.0)
+    return out

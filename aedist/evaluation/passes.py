@@ -1,0 +1,138 @@
+"""Evaluation passes: loss terms and metrics over a split, reduced across ranks, and the latent kNN.
+
+Used by the engine every ``train.eval_every`` epochs and by ``launch/evaluate.py`` on a finished run.
+Metrics are computed in pixel space [0, 1] even when the model sees normalized inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from torch import nn
+
+from aedist import metrics
+from aedist.batch import prepare_batch, to_pixels
+from aedist.config import Config
+from aedist.data import load_batches
+from aedist.data.corruption import make_generator
+from aedist.losses import compute_loss
+
+EVAL_STEP = 1 << 40  # generator "steps" for evaluation draws, far from any training step
+Latents = tuple[dict[str, np.ndarray], np.ndarray]  # ({"clean": [N, D], corruption name: [N, D]}, labels [N])
+
+
+def eval_batches(cfg: Config, accelerator: Accelerator, split: str, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's disjoint part of a split, in order, every sample once across ranks."""
+    limits = [v for v in (cfg.data.limit, limit) if v > 0]
+    yield from load_batches(
+        cfg.data.shards, split, cfg.data.eval_batch_size, accelerator.process_index, accelerator.num_processes,
+        seed=cfg.train.seed, device=accelerator.device, shuffle=False, drop_last=False,
+        limit=min(limits) if limits else 0, on_error=cfg.data.on_error, pin_memory=cfg.data.pin_memory,
+    )
+
+
+class _Tally:
+    """Sums of loss terms and metric sets on this rank, reduced across ranks in one all-reduce."""
+
+    def __init__(self) -> None:
+        self.loss: dict[str, float] = {}
+        self.n = 0.0
+        self.sets: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add_loss(self, terms: dict[str, torch.Tensor], n: int) -> None:
+        for k, v in terms.items():
+            self.loss[k] = self.loss.get(k, 0.0) + float(v) * n
+        self.n += n
+
+    def add(self, name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.sets[name] = metrics.accumulate(self.sets.get(name), metrics.batch_sums(pred, target))
+
+    def reduce(self, accelerator: Accelerator, split: str, loss_keys: list[str], set_names: list[str]) -> dict[str, float]:
+        # Keys come from the caller, not from this rank's batches: a rank that held no batch still
+        # joins the all-reduce with zeros, so ranks never disagree on the collective's shape.
+        flat = [self.loss.get(k, 0.0) for k in loss_keys] + [self.n]
+        for name in set_names:
+            flat += [float(self.sets[name][k]) if name in self.sets else 0.0 for k in metrics.SUM_KEYS]
+        total = accelerator.reduce(torch.tensor(flat, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+        n = total[len(loss_keys)]
+        out = {f"{split}/{k}": total[j] / max(n, 1.0) for j, k in enumerate(loss_keys)}
+        offset = len(loss_keys) + 1
+        width = len(metrics.SUM_KEYS)
+        for j, name in enumerate(set_names):
+            vals = total[offset + j * width: offset + (j + 1) * width]
+            fin = metrics.finalize({k: torch.tensor(v) for k, v in zip(metrics.SUM_KEYS, vals)}, name)
+            if name.endswith("/input"):  # "test_rotated/input/mse" reads better as "test_rotated/input_mse"
+                fin = {k.replace("/input/", "/input_"): v for k, v in fin.items()}
+            out.update(fin)
+        return out
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, cfg: Config, accelerator: Accelerator, split: str) -> tuple[dict[str, float], Latents]:
+    """Loss terms (training corruption applied), clean-input metrics and one metric set per
+    ``eval.corruptions`` entry (plus the corrupted inputs' own error, ``…/input_mse`` etc.).
+    Returns the flat metrics and, gathered from all ranks, the latents of clean inputs (key
+    ``"clean"``) and of each corruption's *decoded* outputs re-encoded (key = its name), plus the
+    labels: a kNN on these tells whether decoding a corrupted image kept its class.
+    """
+    was_training = model.training
+    model.eval()
+    norm = cfg.data.normalize
+    tally = _Tally()
+    latents: dict[str, list[np.ndarray]] = {"clean": [], **{name: [] for name in cfg.eval.corruptions}}
+    labels: list[np.ndarray] = []
+    loss_keys: list[str] = ["loss", "recon", "kl"] if hasattr(model.encoder, "logvar") else ["loss", "recon"]
+    for i, (images, y) in enumerate(eval_batches(cfg, accelerator, split)):
+        gen = make_generator(cfg.train.seed, accelerator.process_index, EVAL_STEP + i, images.device)
+        batch = prepare_batch(images, cfg.corruption, gen, normalize=norm)
+        out = model(batch.inputs)
+        tally.add_loss(compute_loss(out, batch.targets, cfg.loss), len(images))
+        # Without a training corruption the loss pass already is the clean pass (for VAEs in eval
+        # mode z = mu): reuse it rather than run the model twice.
+        clean = out if not cfg.corruption else model(prepare_batch(images, [], None, normalize=norm).inputs)
+        tally.add(split, to_pixels(clean.recon.float(), norm), batch.clean)
+        latents["clean"].append(clean.z.float().cpu().numpy())
+        labels.append(y.cpu().numpy())
+        for name, spec in cfg.eval.corruptions.items():
+            c = prepare_batch(images, spec, gen, normalize=norm)
+            c_out = model(c.inputs).recon
+            tally.add(f"{split}_{name}", to_pixels(c_out.float(), norm), c.pixel_targets)
+            tally.add(f"{split}_{name}/input", c.pixel_inputs, c.pixel_targets)
+            latents[name].append(model.encode(c_out).float().cpu().numpy())
+    model.train(was_training)
+    set_names = [split, *(f"{split}_{n}{s}" for n in cfg.eval.corruptions for s in ("", "/input"))]
+    values = tally.reduce(accelerator, split, loss_keys, set_names)
+    return values, ({k: _gather(v) for k, v in latents.items()}, _gather(labels))
+
+
+def _gather(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate this rank's arrays (possibly none), then every rank's, in rank order."""
+    mine = [np.concatenate(parts)] if parts else []
+    pieces = [p for p in gather_object(mine) if len(p)]
+    return np.concatenate(pieces) if pieces else np.zeros((0,))
+
+
+@torch.no_grad()
+def knn_metric(model: nn.Module, cfg: Config, accelerator: Accelerator, test: Latents) -> dict[str, float]:
+    """kNN class accuracy: fit on latents of the first ``eval.knn_train`` train images, score on test
+    latents (``test/knn_acc``) and on re-encoded decodes of corrupted test images
+    (``test_NAME/decoded_class_acc``: does the decoded image keep its class?)."""
+    model.eval()
+    zs, ys = [], []
+    for images, y in eval_batches(cfg, accelerator, "train", cfg.eval.knn_train):
+        zs.append(model.encode(prepare_batch(images, [], None, normalize=cfg.data.normalize).inputs).float().cpu().numpy())
+        ys.append(y.cpu().numpy())
+    model.train()
+    train_z, train_y = _gather(zs), _gather(ys)
+    latents, test_y = test
+    if len(np.unique(train_y)) < 2 or len(test_y) == 0:
+        return {}
+    out = {"test/knn_acc": metrics.knn_accuracy(train_z, train_y, latents["clean"], test_y, k=cfg.eval.knn_k)}
+    for name, z in latents.items():
+        if name != "clean":
+            out[f"test_{name}/decoded_class_acc"] = metrics.knn_accuracy(train_z, train_y, z, test_y, k=cfg.eval.knn_k)
+    return out
