@@ -46,6 +46,10 @@ def _auto_or_bool(v: Any) -> Any:
     raise ValueError("expected auto, true or false")
 
 
+def _no_is_false(v: Any) -> Any:
+    return "no" if v is False else v  # YAML 1.1 reads a bare `no` as false: train.mixed_precision=no
+
+
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Num = Annotated[float, BeforeValidator(_number)]
@@ -127,7 +131,7 @@ class TrainConfig:
     max_steps: Int = _f(0, "Stop after this many optimizer steps (0 = run all epochs).", ge=0)
     seed: Int = _f(0, "RNG seed for weights, shuffling and corruption draws.", ge=0)
     grad_accum: Int = _f(1, "Gradient accumulation steps per optimizer step.", ge=1)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = _f("auto", "Autocast precision; auto = bf16 where the device runs it natively, else no.")
+    mixed_precision: Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(_no_is_false)] = _f("auto", "Autocast precision; auto = bf16 where the device runs it natively, else no.")
     channels_last: AutoBool = _f("auto", "channels_last memory format; auto = on for conv models under bf16 or CUDA.")
     compile: AutoBool = _f("auto", "torch.compile the step; auto = on for runs long enough to repay the warm-up.")
     cpu: Bool = _f(False, "Force CPU even where CUDA is present.")

@@ -313,7 +313,7 @@ def loss_curves(
     ax = fig.add_axes((0.09, 0.11, 0.62, 0.8))
     splits: dict[str, str] = {}
     colours = _class_colours(len(curves))
-    for colour, (run, series) in zip(colours, curves.items()):
+    for colour, series in zip(colours, curves.values()):
         for key, points in series.items():
             if not points:
                 continue

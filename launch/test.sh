@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh --with-slurm
+python -m ruff check aedist launch tests   # lint first: seconds, and a style slip fails fast
 python -m pytest -q "$@"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +38,13 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def run_py(args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 600):
-    """Run a Python entry point of the project as a user would, capturing its output."""
-    import subprocess
-
+def _run_py(args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def run_py() -> Callable[..., subprocess.CompletedProcess]:
+    """Run a Python entry point of the project as a user would (W&B offline), capturing its output:
+    ``run_py(["launch/train.py", "--config", cfg], env={...})``."""
+    return _run_py

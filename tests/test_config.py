@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from aedist.config import Config, config_from_dict, load_config, parse_override, reference_markdown, save_config
 from aedist.errors import UserError
-from conftest import ROOT, run_py
+
+ROOT = Path(__file__).resolve().parents[1]
+RunFn = Callable[..., subprocess.CompletedProcess]  # the run_py / train fixtures
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -56,7 +60,7 @@ def test_bad_values_name_key_value_and_allowed(override: str, words: list[str]) 
         assert word in str(err.value)
 
 
-def test_cli_bad_config_exits_2_with_one_line_and_no_traceback() -> None:
+def test_cli_bad_config_exits_2_with_one_line_and_no_traceback(run_py: RunFn) -> None:
     proc = run_py(["launch/train.py", "--config", "configs/debug.yaml", "train.epoch=3"])
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -64,7 +68,7 @@ def test_cli_bad_config_exits_2_with_one_line_and_no_traceback() -> None:
     assert lines[0].startswith("error: unknown config key 'train.epoch'") and "train.epochs" in lines[0]
 
 
-def test_cli_missing_config_file_exits_2() -> None:
+def test_cli_missing_config_file_exits_2(run_py: RunFn) -> None:
     proc = run_py(["launch/train.py", "--config", "configs/nope.yaml"])
     assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_py
+ROOT = Path(__file__).resolve().parents[1]
+RunFn = Callable[..., subprocess.CompletedProcess]  # the run_py / train fixtures
 
 pytestmark = pytest.mark.slow
 ACCEL_2 = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -50,13 +52,19 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def train(cfg: Path, *extra: str, procs: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    args = ([*ACCEL_2] if procs == 2 else []) + ["launch/train.py", "--config", str(cfg), *extra]
-    return run_py(args, env=env)
+@pytest.fixture
+def train(run_py: RunFn) -> Callable[..., subprocess.CompletedProcess]:
+    """``train(cfg, *overrides, procs=1|2, env=...)``: launch/train.py as a user runs it."""
+
+    def run(cfg: Path, *extra: str, procs: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        args = ([*ACCEL_2] if procs == 2 else []) + ["launch/train.py", "--config", str(cfg), *extra]
+        return run_py(args, env=env)
+
+    return run
 
 
 @pytest.mark.parametrize("precision, accum, tol", [("no", 1, 1e-6), ("no", 2, 1e-6), ("bf16", 1, 2e-2)])
-def test_ddp_sgd_step_matches_single_process(tmp_path: Path, tiny_shards: Path, precision: str, accum: int, tol: float) -> None:
+def test_ddp_sgd_step_matches_single_process(tmp_path: Path, tiny_shards: Path, precision: str, accum: int, tol: float, train: RunFn) -> None:
     # The global batch is the whole train split (256), so 1 and 2 ranks see the same samples.
     common = {"data": {"batch_size": 256}, "optim": {"name": "sgd", "lr": 0.5},
               "train": {"max_steps": 1, "epochs": 1, "mixed_precision": precision}}
@@ -74,7 +82,7 @@ def test_ddp_sgd_step_matches_single_process(tmp_path: Path, tiny_shards: Path, 
     assert json.loads((tmp_path / "runs/two/summary.json").read_text())["world_size"] == 2
 
 
-def test_two_process_run_reaches_single_process_val_loss(tmp_path: Path, tiny_shards: Path) -> None:
+def test_two_process_run_reaches_single_process_val_loss(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
     common = {"train": {"epochs": 6}, "log": {"wandb": "disabled", "every": 4}}
     p1 = train(write_config(tmp_path, tiny_shards, "one", **common))
     p2 = train(write_config(tmp_path, tiny_shards, "two", **common), procs=2)
@@ -106,7 +114,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.01)
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path: Path, tiny_shards: Path) -> None:
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
     ref = _slow_resumable(tmp_path, tiny_shards, "ref")
     assert train(ref).returncode == 0
     cfg = _slow_resumable(tmp_path, tiny_shards, "killed")
@@ -125,7 +133,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path: Path, tin
     assert max_diff(weights(run), weights(tmp_path / "runs/ref")) <= 1e-6
 
 
-def test_sigusr1_saves_exits_75_and_resumes(tmp_path: Path, tiny_shards: Path) -> None:
+def test_sigusr1_saves_exits_75_and_resumes(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
     cfg = _slow_resumable(tmp_path, tiny_shards, "preempted")
     run = tmp_path / "runs/preempted"
     proc = _start(cfg)
@@ -140,7 +148,7 @@ def test_sigusr1_saves_exits_75_and_resumes(tmp_path: Path, tiny_shards: Path) -
     assert summary["resumed_from"] == [saved[-1]] and summary["step"] == 200
 
 
-def test_nan_on_one_rank_stops_both_without_hanging(tmp_path: Path, tiny_shards: Path) -> None:
+def test_nan_on_one_rank_stops_both_without_hanging(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
     cfg = write_config(tmp_path, tiny_shards, "nan", train={"epochs": 3, "checkpoint_every": 2})
     t0 = time.time()
     proc = train(cfg, procs=2, env={"AEDIST_INJECT_NAN": "1:5"})
@@ -152,14 +160,14 @@ def test_nan_on_one_rank_stops_both_without_hanging(tmp_path: Path, tiny_shards:
     assert kept[-1] == 4 and not (run / "summary.json").exists()
 
 
-def test_skipping_bad_steps_is_allowed_when_asked(tmp_path: Path, tiny_shards: Path) -> None:
+def test_skipping_bad_steps_is_allowed_when_asked(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
     cfg = write_config(tmp_path, tiny_shards, "skip", train={"epochs": 2, "max_bad_steps": 1})
     proc = train(cfg, env={"AEDIST_INJECT_NAN": "0:3"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "non-finite loss at step 3" in proc.stdout + proc.stderr
 
 
-def test_half_written_checkpoints_are_ignored_on_resume(tmp_path: Path, tiny_shards: Path) -> None:
+def test_half_written_checkpoints_are_ignored_on_resume(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
     cfg = write_config(tmp_path, tiny_shards, "atomic", train={"epochs": 2})
     assert train(cfg).returncode == 0
     ckpts = tmp_path / "runs/atomic/checkpoints"
@@ -173,7 +181,7 @@ def test_half_written_checkpoints_are_ignored_on_resume(tmp_path: Path, tiny_sha
     assert summary["resumed_from"] == [newest] and summary["epoch"] == 3
 
 
-def test_checkpoint_from_another_model_is_a_one_line_error(tmp_path: Path, tiny_shards: Path) -> None:
+def test_checkpoint_from_another_model_is_a_one_line_error(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
     cfg = write_config(tmp_path, tiny_shards, "shape", train={"epochs": 1})
     assert train(cfg).returncode == 0
     proc = train(cfg, "model.latent_dim=3")
@@ -187,7 +195,7 @@ def test_checkpoint_from_another_model_is_a_one_line_error(tmp_path: Path, tiny_
     (["data.batch_size=63", "train.grad_accum=2"], ["data.batch_size=63", "multiple of 2"]),
     (["model.image_size=32"], ["(1, 28, 28)", "model.image_size"]),
 ])
-def test_bad_input_exits_2_with_one_line(tmp_path: Path, tiny_shards: Path, overrides: list[str], words: list[str]) -> None:
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, tiny_shards: Path, overrides: list[str], words: list[str], train: RunFn) -> None:
     cfg = write_config(tmp_path, tiny_shards, "bad")
     proc = train(cfg, *overrides)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

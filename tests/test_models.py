@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +14,9 @@ from torch import nn
 from aedist.config import ModelConfig, load_config
 from aedist.losses import compute_loss, kl_divergence
 from aedist.models import MODELS, build_model, count_params
-from conftest import ROOT, run_py
+
+ROOT = Path(__file__).resolve().parents[1]
+RunFn = Callable[..., subprocess.CompletedProcess]  # the run_py / train fixtures
 
 
 @pytest.mark.parametrize("config, encoder, decoder, total", [
@@ -48,7 +54,7 @@ def test_seed_003_shapes_28_14_7_4_2() -> None:
     assert {"BatchNorm2d", "Dropout2d"} <= kinds
 
 
-def test_python_m_models_prints_counts() -> None:
+def test_python_m_models_prints_counts(run_py: RunFn) -> None:
     proc = run_py(["-m", "aedist.models", "configs/seeds/mnist_mlp.yaml"])
     assert proc.returncode == 0, proc.stderr
     tail = proc.stdout.strip().splitlines()[-3:]

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_engine import write_config
 from wandb.proto import wandb_internal_pb2
 
-from conftest import run_py
-from test_engine import write_config
+RunFn = Callable[..., subprocess.CompletedProcess]  # the run_py / train fixtures
 
 pytestmark = pytest.mark.slow
 BLOCK = 32 * 1024  # the .wandb file is a LevelDB-style log: 32 KiB blocks of framed records
@@ -59,7 +61,7 @@ def history(records: list[wandb_internal_pb2.Record]) -> list[dict[str, object]]
 
 
 @pytest.fixture(scope="module")
-def offline_run(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path) -> Path:
+def offline_run(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path, run_py: RunFn) -> Path:
     tmp = tmp_path_factory.mktemp("wandb")
     cfg = write_config(tmp, tiny_shards, "tracked", corruption=[{"rotate": {"max_degrees": 90}}],
                        eval={"knn_train": 64, "corruptions": {"rotated": [{"rotate": {"max_degrees": 180}}]}},
@@ -108,14 +110,17 @@ def test_local_mirrors_match_what_was_logged(offline_run: Path) -> None:
     assert {"recon_epoch001.png", "recon_epoch002.png", "rotation_panel_epoch002.png"} <= figures
 
 
-def test_evaluate_writes_finite_metrics_and_report_tables_them(offline_run: Path, tmp_path: Path) -> None:
+def test_evaluate_writes_finite_metrics_and_report_tables_them(offline_run: Path, tmp_path: Path, run_py: RunFn) -> None:
     proc = run_py(["launch/evaluate.py", str(offline_run)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     values = json.loads((offline_run / "eval.json").read_text())
     for key in ["test/mse", "test/psnr_db", "test/snr_db", "test_rotated/mse", "test_rotated/input_mse",
                 "test/knn_acc", "test_rotated/decoded_class_acc", "test/latent_kl"]:
         assert math.isfinite(values[key]), key
-    assert 0 < values["test/mse"] < values["test_rotated/input_mse"] + 1
+    # Same final weights, same test split, deterministic pass: evaluate.py must reproduce the
+    # end-of-training number the engine measured.
+    summary = json.loads((offline_run / "summary.json").read_text())
+    assert values["test/mse"] == pytest.approx(summary["test/mse"], rel=1e-4)
     # The evaluation went to the training run's W&B id (offline: a second folder with the same id).
     run_id = json.loads((offline_run / "summary.json").read_text())["wandb_run_id"]
     folders = sorted((offline_run / "wandb").glob(f"offline-run-*-{run_id}"))
@@ -131,6 +136,6 @@ def test_evaluate_writes_finite_metrics_and_report_tables_them(offline_run: Path
     assert "launch/train.py" in text and (tmp_path / "figures/tracked_recon.png").exists()
 
 
-def test_evaluate_on_a_folder_that_is_no_run_is_a_one_line_error(tmp_path: Path) -> None:
+def test_evaluate_on_a_folder_that_is_no_run_is_a_one_line_error(tmp_path: Path, run_py: RunFn) -> None:
     proc = run_py(["launch/evaluate.py", str(tmp_path)])
     assert proc.returncode == 2 and "not a run folder" in proc.stderr and "Traceback" not in proc.stderr

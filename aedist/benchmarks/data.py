@@ -74,7 +74,7 @@ def _ten_x(src: Path, dst: Path) -> None:
     m = json.loads((src / MANIFEST).read_text())
     shards = m["splits"]["train"]["shards"]
     new = []
-    for k in range(10):
+    for _ in range(10):
         for s in shards:
             name = f"train-{len(new):06d}.tar"
             os.link(src / s["name"], dst / name)
