@@ -7,10 +7,10 @@ over latent dimensions, averaged over the batch and divided by the pixels per im
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-
-from collections.abc import Callable
 
 from aedist.config import LossConfig
 from aedist.models.ae import AEOutput

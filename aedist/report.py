@@ -12,7 +12,6 @@ import yaml
 
 from aedist.errors import UserError
 
-
 COLUMNS = ["run", "dataset", "epochs", "test MSE", "PSNR / SNR dB", "corrupted-input MSE", "kNN acc", "wall", "img/s"]
 
 

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Sequence
 
 from aedist.config import load_config
-from aedist.sweeps import sweep_args
 from aedist.errors import run_cli
+from aedist.sweeps import sweep_args
 
 DEBUG_OVERRIDES = ["data.limit=512", "train.max_steps=8", "train.epochs=1", "log.wandb=offline", "log.every=1"]
 

@@ -14,11 +14,11 @@ from torch import nn
 
 from aedist.config import ModelConfig
 from aedist.errors import UserError
-from aedist.registry import Registry
 from aedist.models.ae import AEOutput, Autoencoder
 from aedist.models.conv import ConvDecoder, ConvEncoder
 from aedist.models.mlp import MLPDecoder, MLPEncoder
 from aedist.models.vae import VAE
+from aedist.registry import Registry
 
 __all__ = ["AEOutput", "MODELS", "build_model", "count_params", "register_model"]
 
