@@ -44,6 +44,8 @@ class TrainState:
     images_seen: int = 0
     epoch_loss_sum: float = 0.0  # sum over this epoch's finished steps of the rank-mean train loss
     epoch_loss_steps: int = 0
+    started_from: str = ""  # the checkpoint of another run this run started from, if any
+    world_sizes: list[int] = field(default_factory=list)  # processes of each start, in order
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -72,35 +74,79 @@ def newest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); older ones are untouched."""
+
+
+def _phase(accelerator: Accelerator, fn: Callable[[], None]) -> None:
+    """Run one phase of a save on every rank and agree on its outcome (a barrier that carries a
+    failure flag): a rank whose write failed must not leave the others waiting forever."""
+    failure = ""
+    try:
+        fn()
+    except OSError as err:
+        failure = f"{err.strerror or err} ({err.filename or ''})".strip()
+    if accelerator.num_processes > 1:
+        import torch
+
+        flag = torch.tensor([1.0 if failure else 0.0], device=accelerator.device)
+        if float(accelerator.reduce(flag, "sum")) and not failure:
+            failure = "another rank could not write its part"
+    if failure:
+        raise CheckpointError(failure)
+
+
 def save_checkpoint(accelerator: Accelerator, root: Path, name: str, state: TrainState, keep_last: int) -> Path:
-    """Every rank calls this at the same step; returns the final folder ``root/name``."""
+    """Every rank calls this at the same step; returns the final folder ``root/name``. On a write
+    error (disk full) the temporary folder is removed and :class:`CheckpointError` raised on every rank."""
     final, tmp = root / name, root / f".tmp-{name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # model.safetensors, optimizer, scheduler, scaler, each rank's RNG
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _fsync_write(tmp / STATE, json.dumps(asdict(state), indent=2))
-        _fsync_write(tmp / MARKER, f"{state.step}\n")
-        old = root / f".old-{name}"
-        if final.exists():  # only "best" is ever replaced; step-N names are unique
+    main = accelerator.is_main_process
+
+    def start() -> None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    def write() -> None:
+        accelerator.save_state(str(tmp))  # model.safetensors, optimizer, scheduler, scaler, each rank's RNG
+
+    def commit() -> None:
+        if main:
+            _fsync_write(tmp / STATE, json.dumps(asdict(state), indent=2))
+            _fsync_write(tmp / MARKER, f"{state.step}\n")
+            old = root / f".old-{name}"
+            if final.exists():  # only "best" is ever replaced; step-N names are unique
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+            tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-        for stale in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
+            for stale in list_checkpoints(root)[:-keep_last]:
+                shutil.rmtree(stale, ignore_errors=True)
+
+    try:
+        for phase in (start, write, commit):
+            _phase(accelerator, phase)
+    except CheckpointError as err:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {err}; the older checkpoints in {root} are kept") from None
     return final
+
+
+class DamagedCheckpoint(Exception):
+    """A complete-looking checkpoint whose files cannot be read back."""
 
 
 def read_state(folder: Path) -> TrainState:
     """Our state from a complete checkpoint folder."""
+    if not (folder / STATE).exists() and not (folder / MARKER).exists():
+        raise UserError(f"{folder} is not a checkpoint folder (no {STATE}); point train.resume at a runs/NAME/checkpoints/step-N folder")
     if not is_complete(folder):
         raise UserError(f"checkpoint {folder} is incomplete (no {MARKER} marker); resume from another or set train.resume=never")
-    return TrainState(**json.loads((folder / STATE).read_text()))
+    try:
+        return TrainState(**json.loads((folder / STATE).read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise DamagedCheckpoint(f"{STATE} unreadable ({type(err).__name__})") from None
 
 
 def read_matching_state(folder: Path, model_hash: str, fix: str = "use another run.name or train.resume=never") -> TrainState:
@@ -115,22 +161,38 @@ def read_matching_state(folder: Path, model_hash: str, fix: str = "use another r
 
 
 def load_checkpoint(accelerator: Accelerator, folder: Path, model_hash: str) -> TrainState:
-    """Restore Accelerate's state from ``folder`` after checking it was written by the same model."""
+    """Restore Accelerate's state from ``folder`` after checking it was written by the same model;
+    :class:`DamagedCheckpoint` when its files cannot be read back."""
     state = read_matching_state(folder, model_hash)
+    missing = [f for f in ("model.safetensors", "optimizer.bin") if not (folder / f).is_file()]
+    if missing:
+        raise DamagedCheckpoint(f"{', '.join(missing)} missing")
     try:
         accelerator.load_state(str(folder))
-    except (RuntimeError, KeyError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"checkpoint {folder} does not fit this model ({first}); use another run.name or train.resume=never") from None
+    except Exception as err:  # noqa: BLE001 - safetensors, pickle and torch each raise their own types
+        # The class name only: torch's own message suggests weights_only=False, which must never be the fix.
+        raise DamagedCheckpoint(f"unreadable ({type(err).__name__})") from None
     return state
 
 
-def find_resume(root: Path, resume: str) -> Path | None:
-    """Which checkpoint ``train.resume`` points at: auto = newest complete, never = none, else a path."""
-    if resume == "never":
+def load_newest_usable(accelerator: Accelerator, root: Path, model_hash: str) -> tuple[TrainState, Path] | None:
+    """The newest complete checkpoint that loads, falling back past damaged ones with a one-line
+    warning each; None when there is none; a one-line UserError when every one is damaged."""
+    found = list_checkpoints(root)
+    for folder in reversed(found):
+        try:
+            return load_checkpoint(accelerator, folder, model_hash), folder
+        except DamagedCheckpoint as err:
+            accelerator.print(f"warning: checkpoint {folder} is damaged ({err}); trying the one before it")
+    if found:
+        raise UserError(f"no usable checkpoint in {root} (all {len(found)} damaged); set train.resume=never to start over")
+    return None
+
+
+def find_resume(resume: str) -> Path | None:
+    """The checkpoint folder ``train.resume`` names (None for auto and never)."""
+    if resume in ("never", "auto"):
         return None
-    if resume == "auto":
-        return newest_checkpoint(root)
     path = Path(resume)
     if not path.is_dir():
         raise UserError(f"train.resume={resume!r}: no such checkpoint folder; use auto, never or a checkpoints/step-N path")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from aedist.errors import UserError
@@ -40,6 +40,12 @@ def _text(v: Any) -> Any:
     return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v  # run.name=123
 
 
+def _folder_name(v: Any) -> Any:
+    if isinstance(v, str) and (not v.strip() or v in (".", "..") or "/" in v or "\\" in v or v != v.strip()):
+        raise ValueError("run.name must be a plain folder name inside run.dir (no '/', not '.' or '..', not empty)")
+    return v
+
+
 def _auto_or_bool(v: Any) -> Any:
     if v == "auto" or isinstance(v, bool):
         return v
@@ -54,6 +60,7 @@ Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
 Num = Annotated[float, BeforeValidator(_number)]
 Str = Annotated[str, BeforeValidator(_text), Strict()]
+Precision = Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(_no_is_false)]
 AutoBool = Annotated[Literal["auto"] | bool, BeforeValidator(_auto_or_bool)]
 _SECTION = ConfigDict(extra="forbid")
 
@@ -67,7 +74,7 @@ def _f(default: Any, doc: str, **rules: Any) -> Any:
 
 @dataclass(config=_SECTION)
 class RunConfig:
-    name: Str = _f("debug", "Run name: the folder runs/NAME and the W&B run name.")
+    name: Annotated[Str, AfterValidator(_folder_name)] = _f("debug", "Run name: the folder runs/NAME and the W&B run name.")
     dir: Str = _f("runs", "Parent folder of all run folders.")
 
 
@@ -131,7 +138,7 @@ class TrainConfig:
     max_steps: Int = _f(0, "Stop after this many optimizer steps (0 = run all epochs).", ge=0)
     seed: Int = _f(0, "RNG seed for weights, shuffling and corruption draws.", ge=0)
     grad_accum: Int = _f(1, "Gradient accumulation steps per optimizer step.", ge=1)
-    mixed_precision: Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(_no_is_false)] = _f("auto", "Autocast precision; auto = bf16 where the device runs it natively, else no.")
+    mixed_precision: Precision = _f("auto", "Autocast precision; auto = bf16 where the device runs it natively, else no.")
     channels_last: AutoBool = _f("auto", "channels_last memory format; auto = on for conv models under bf16 or CUDA.")
     compile: AutoBool = _f("auto", "torch.compile the step; auto = on for runs long enough to repay the warm-up.")
     cpu: Bool = _f(False, "Force CPU even where CUDA is present.")

@@ -17,11 +17,10 @@ import json
 import math
 import os
 import shlex
-import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from accelerate import Accelerator
@@ -32,9 +31,11 @@ from aedist import precision
 from aedist.batch import prepare_batch
 from aedist.checkpoint import (
     CheckpointPolicy,
+    DamagedCheckpoint,
     TrainState,
     find_resume,
     load_checkpoint,
+    load_newest_usable,
     newest_checkpoint,
 )
 from aedist.config import Config, save_config
@@ -45,10 +46,12 @@ from aedist.evaluation import draw_figures, evaluate_split, knn_metric, load_pro
 from aedist.losses import compute_loss
 from aedist.models import build_model
 from aedist.optim import Schedule, build_optimizer
+from aedist.resume import RunLock, apply_changes, check_changes, config_changes, previous_config, record_resume
+from aedist.signals import INTERRUPT_EXIT_CODE, PREEMPT_EXIT_CODE, STOP
 from aedist.sysinfo import vm_hwm_mb
 from aedist.tracking import Tracker, new_run_id, trackers_for
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint saved, run me again" (slurm/ requeues on it)
+REQUEUE_EXIT_CODE = PREEMPT_EXIT_CODE  # 75: "preempted, checkpoint saved, run me again" (slurm/ requeues on it)
 # Fault injection for tests and drills: AEDIST_INJECT_NAN="RANK:STEP" makes that rank's loss NaN at that step.
 INJECT_NAN = os.environ.get("AEDIST_INJECT_NAN", "")
 
@@ -57,26 +60,16 @@ class Diverged(RuntimeError):
     """The loss stayed non-finite for more than ``train.max_bad_steps`` steps."""
 
 
-class _StopFlag:
-    """Signal handlers only set this flag; the loop acts on it at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._set)
-
-    def _set(self, signum: int, frame: object) -> None:
-        self.raised = True
-
-
 @dataclass
 class StepResult:
     """What one optimizer step reports: mean loss terms over its micro-batches (device tensors),
-    seconds spent waiting for data, whether any rank asked to stop or saw a non-finite loss."""
+    seconds spent waiting for data, whether any rank was asked to stop (preemption, Ctrl-C) or saw
+    a non-finite loss."""
 
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     data_wait: float = 0.0
-    stop: bool = False
+    preempt: bool = False
+    interrupt: bool = False
     bad: bool = False
 
 
@@ -84,7 +77,7 @@ class Trainer:
     """Builds everything from a config, resumes if asked, and runs :meth:`fit`."""
 
     def __init__(self, cfg: Config, *, debug: bool = False) -> None:
-        self.stop = _StopFlag()  # first: a signal during start-up must not kill the process
+        self.stop = STOP.install()  # launch/train.py installs it earlier; here for library callers
         self.cfg = cfg
         t = cfg.train
         device = torch.device("cuda" if torch.cuda.is_available() and not t.cpu else "cpu")
@@ -94,6 +87,7 @@ class Trainer:
             log_with=trackers_for(cfg) or None, project_dir=str(cfg.run_dir),
         )
         self.world, self.rank = acc.num_processes, acc.process_index
+        self.lock = RunLock(cfg.run_dir) if acc.is_main_process else None
         self.manifest = read_manifest(cfg.data.shards)
         self._check_inputs()
         self.has_val = "val" in self.manifest.splits
@@ -119,6 +113,9 @@ class Trainer:
         self.ckpt_root = cfg.run_dir / "checkpoints"
         self.checkpoints = CheckpointPolicy(acc, self.ckpt_root, t.checkpoint_every, t.keep_last, self._fold_epoch_loss)
         self.state = self._resume_or_start()
+        if self.state.world_sizes and self.state.world_sizes[-1] != self.world:
+            acc.print(f"resumed on a different world size: {self.state.world_sizes[-1]} -> {self.world} processes")
+        self.state.world_sizes.append(self.world)
         # This rank's sum of step losses since the last fold into state.epoch_loss_sum (kept on the
         # device so the hot loop never syncs; folded across ranks at checkpoints and epoch ends).
         self.epoch_loss = torch.zeros((), device=acc.device)
@@ -160,12 +157,35 @@ class Trainer:
                                 "set optim.plateau_on=train or pack with --val-fraction > 0")
 
     def _resume_or_start(self) -> TrainState:
-        folder = find_resume(self.ckpt_root, self.cfg.train.resume)
-        if folder is None:
-            return TrainState(wandb_run_id=new_run_id(), model_hash=self.cfg.model_hash(), model=asdict(self.cfg.model))
-        state = load_checkpoint(self.accelerator, folder, self.cfg.model_hash())
+        """A fresh state, or the checkpoint ``train.resume`` picks with the config's changes applied."""
+        cfg, acc = self.cfg, self.accelerator
+        fresh = TrainState(wandb_run_id=new_run_id(), model_hash=cfg.model_hash(), model=asdict(cfg.model))
+        explicit = find_resume(cfg.train.resume)
+        if explicit is not None:
+            try:
+                state = load_checkpoint(acc, explicit, cfg.model_hash())
+            except DamagedCheckpoint as err:
+                raise UserError(f"checkpoint {explicit} is damaged ({err}); point train.resume at another one") from None
+            if explicit.resolve().parent != self.ckpt_root.resolve():
+                # Another run's checkpoint seeds a new run: its own W&B run, recording where it came from.
+                acc.print(f"starting from {explicit} (step {state.step}) as a new run")
+                return replace(state, wandb_run_id=fresh.wandb_run_id, started_from=str(explicit), resumed_from=[], world_sizes=[])
+            folder = explicit
+        elif cfg.train.resume == "auto" and (found := load_newest_usable(acc, self.ckpt_root, cfg.model_hash())):
+            state, folder = found
+        else:
+            return fresh
+        previous = previous_config(cfg.run_dir)
+        changes = config_changes(previous, cfg.to_dict()) if previous else {}
+        check_changes(changes, cfg.run_dir)
+        apply_changes(changes, self.optimizer, self.schedule)
+        for key, (was, now) in changes.items():
+            acc.print(f"resume: {key} changed {was!r} -> {now!r}; in effect from step {state.step + 1}")
+        if acc.is_main_process:
+            record_resume(cfg.run_dir, {"step": state.step, "world_size": self.world, "from": str(folder),
+                                        "changed": {k: list(v) for k, v in changes.items()}})
         state.resumed_from.append(state.step)
-        self.accelerator.print(f"resumed from {folder} (step {state.step}, epoch {state.epoch}, batch {state.batch})")
+        acc.print(f"resumed from {folder} (step {state.step}, epoch {state.epoch}, batch {state.batch})")
         return state
 
     # ------------------------------------------------------------------ one step
@@ -197,7 +217,8 @@ class Trainer:
             for k, v in terms.items():
                 res.terms[k] = res.terms.get(k, 0.0) + v.detach() / accum
             s.batch += 1
-        res.stop, res.bad = self._agree(self.stop.raised, not bool(torch.isfinite(res.terms["loss"])))
+        finite = bool(torch.isfinite(res.terms["loss"]))
+        res.preempt, res.interrupt, res.bad = self._agree(self.stop.preempt, self.stop.interrupt, not finite)
         if res.bad:
             self.optimizer.zero_grad(set_to_none=True)
             return res
@@ -238,12 +259,9 @@ class Trainer:
                 if log_now:
                     self._log_step(res.terms, window, bar)
                 bar.update(1)
-                self.checkpoints.after_step(s, preempted=res.stop)
-                if res.stop:
-                    acc.print(f"preempted: saved step {s.step}; exiting with {REQUEUE_EXIT_CODE} to be requeued")
-                    bar.close()
-                    self.tracker.close()
-                    return REQUEUE_EXIT_CODE
+                self.checkpoints.after_step(s, preempted=res.preempt or res.interrupt)
+                if res.preempt or res.interrupt:
+                    return self._stop_now(res, bar)
             if s.batch >= micro_per_epoch:  # a full epoch, not a max_steps cut
                 s.epoch, s.batch = s.epoch + 1, 0
                 last = s.epoch >= cfg.train.epochs or s.step >= self.total_steps
@@ -256,8 +274,24 @@ class Trainer:
             self._evaluate(probe, last=True)
         self.checkpoints.finish(s)
         self._write_summary()
-        self.tracker.close()
+        self.close()
         return 0
+
+    def _stop_now(self, res: StepResult, bar: tqdm) -> int:
+        """After the stop checkpoint: say why, close the trackers, release the run folder."""
+        s = self.state
+        code = PREEMPT_EXIT_CODE if res.preempt else INTERRUPT_EXIT_CODE
+        why = "preempted" if res.preempt else "interrupted"
+        self.accelerator.print(f"{why}: saved step {s.step}; exiting with {code}" + (" to be requeued" if res.preempt else ""))
+        bar.close()
+        self.close()
+        return code
+
+    def close(self) -> None:
+        """Flush the trackers and release the run folder (safe to call twice)."""
+        self.tracker.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def _count_bad_step(self) -> None:
         s, allowed = self.state, self.cfg.train.max_bad_steps
@@ -329,7 +363,7 @@ class Trainer:
             return
         summary = {
             "completed": True, "step": s.step, "epoch": s.epoch, "wandb_run_id": s.wandb_run_id,
-            "resumed_from": s.resumed_from, "best_val": s.best_val if math.isfinite(s.best_val) else None,
+            "resumed_from": s.resumed_from, "started_from": s.started_from, "world_sizes": s.world_sizes, "best_val": s.best_val if math.isfinite(s.best_val) else None,
             "best_epoch": s.best_epoch, "train_seconds": s.train_seconds,
             "img_per_s": s.images_seen / max(s.train_seconds, 1e-9), "world_size": self.world,
             "mixed_precision": self.mixed_precision, "channels_last": self.channels_last, "compile": self.compiled,

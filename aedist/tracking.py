@@ -17,6 +17,7 @@ import numpy as np
 from accelerate import Accelerator
 
 from aedist.config import Config
+from aedist.errors import UserError
 from aedist.visuals import save_png
 
 
@@ -60,7 +61,12 @@ class Tracker:
             }
         if trackers_for(cfg):
             project = os.environ.get("WANDB_PROJECT", cfg.log.project)
-            accelerator.init_trackers(project, config=_flat(cfg.to_dict()), init_kwargs=init_kwargs)
+            try:
+                accelerator.init_trackers(project, config=_flat(cfg.to_dict()), init_kwargs=init_kwargs)
+            except Exception as err:  # noqa: BLE001 - wandb raises UsageError/CommError/... for login and network
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise UserError(f"W&B could not start in mode {_wandb_mode(cfg)!r} ({first}); run `wandb login` or set "
+                                "WANDB_API_KEY, or use log.wandb=offline and `wandb sync` later") from None
 
     def log(self, values: dict[str, float], step: int, epoch: int) -> None:
         """Scalars to every tracker and one JSON line; non-finite values are kept as strings in JSONL."""

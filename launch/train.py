@@ -5,7 +5,8 @@
     python launch/train.py --config configs/seeds/fashion_rotated.yaml --debug     # a few steps, anomaly checks
 
 Exit codes: 0 done, 2 bad input (one line on stderr), 75 preempted with a checkpoint saved (requeue me),
-1 training diverged (non-finite loss; the last good checkpoint is kept).
+130 interrupted (Ctrl-C) with a checkpoint saved, 1 training diverged (non-finite loss; the last good
+checkpoint is kept), 74 a checkpoint could not be written (disk full; older checkpoints are kept).
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from aedist.config import load_config
-from aedist.errors import run_cli
-from aedist.sweeps import sweep_args
+from aedist.signals import STOP
+
+STOP.install()  # before anything slow: a signal during start-up is a stop request, not a kill
+
+from aedist.config import load_config  # noqa: E402
+from aedist.errors import run_cli  # noqa: E402
+from aedist.sweeps import sweep_args  # noqa: E402
 
 DEBUG_OVERRIDES = ["data.limit=512", "train.max_steps=8", "train.epochs=1", "log.wandb=offline", "log.every=1"]
 
@@ -34,6 +39,7 @@ def main(argv: Sequence[str]) -> int:
 
     import torch
 
+    from aedist.checkpoint import CheckpointError
     from aedist.engine import Diverged, train
 
     if args.debug:
@@ -43,6 +49,9 @@ def main(argv: Sequence[str]) -> int:
     except Diverged as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    except CheckpointError as err:  # the disk is full or gone: not the user's input, not divergence
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 74
 
 
 if __name__ == "__main__":
