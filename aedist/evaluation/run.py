@@ -9,13 +9,12 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from aedist import metrics
 from aedist.checkpoint import newest_checkpoint, read_matching_state
-from aedist.config import config_from_dict
+from aedist.config import config_from_dict, read_yaml
 from aedist.data import read_manifest
 from aedist.errors import UserError
 from aedist.evaluation import draw_figures, evaluate_split, knn_metric, load_probe
@@ -27,7 +26,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a run folder (no config.yaml); pass runs/NAME as made by launch/train.py")
-    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    cfg = config_from_dict(read_yaml(run / "config.yaml", "run config"))
     cfg.run.dir, cfg.run.name = str(run.parent), run.name
     folder = run / "checkpoints" / checkpoint if checkpoint else newest_checkpoint(run / "checkpoints")
     if folder is None or not (folder / "COMPLETE").exists():
@@ -40,7 +39,11 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     acc = Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available(), log_with=trackers_for(cfg) or None,
                       project_dir=str(run))
     model = build_model(cfg.model).to(acc.device)
-    model.load_state_dict(load_file(folder / "model.safetensors", device=str(acc.device)))
+    try:
+        model.load_state_dict(load_file(folder / "model.safetensors", device=str(acc.device)))
+    except Exception as err:  # noqa: BLE001 - a missing, truncated or foreign weights file
+        raise UserError(f"{folder}/model.safetensors cannot be read ({type(err).__name__}); "
+                        "evaluate another checkpoint with --checkpoint step-N") from None
     model.eval()
 
     values, latents = evaluate_split(model, cfg, acc, split)
@@ -48,7 +51,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     z = torch.from_numpy(latents[0]["clean"])
     values.update({f"{split}/latent_{k}": v for k, v in metrics.latent_gaussianity(z).items()})
     values.update({"checkpoint_step": state.step, "epoch": state.epoch})
-    out = run / "eval.json"
+    out = run / (f"eval_{checkpoint}.json" if checkpoint else "eval.json")  # e.g. eval_best.json beside eval.json
     out.write_text(json.dumps(values, indent=2))
 
     tracker = Tracker(acc, cfg, state.wandb_run_id)  # the training run's W&B id: same run, resumed

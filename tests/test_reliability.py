@@ -1,0 +1,173 @@
+"""Hostile-user cases (issue 12): each reproduces a failure that once gave a silent wrong result, a
+lost epoch or a traceback, and asserts the promised behaviour instead."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aedist.checkpoint import CheckpointError
+from aedist.config import load_config
+from aedist.errors import UserError
+from aedist.resume import RunLock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def overrides(shards: Path, tmp: Path, name: str, *extra: str) -> list[str]:
+    return [f"data.shards={shards}", f"run.dir={tmp}", f"run.name={name}", "data.batch_size=32", "train.epochs=2",
+            "log.wandb=disabled", "train.mixed_precision=no", "train.compile=false", "train.cpu=true",
+            "train.checkpoint_every=2", "train.keep_last=5", *extra]
+
+
+def fit(shards: Path, tmp: Path, name: str, *extra: str):
+    from aedist.engine import Trainer
+
+    trainer = Trainer(load_config(None, overrides(shards, tmp, name, *extra)))
+    code = trainer.fit()
+    return trainer, code
+
+
+def test_changed_lr_on_resume_takes_effect_and_is_recorded(tmp_path: Path, tiny_shards: Path, capsys: pytest.CaptureFixture) -> None:
+    fit(tiny_shards, tmp_path, "lr", "train.max_steps=2", "optim.lr=0.01")
+    trainer, code = fit(tiny_shards, tmp_path, "lr", "train.max_steps=4", "optim.lr=0.002", "optim.weight_decay=0.1")
+    assert code == 0 and trainer.state.resumed_from == [2]
+    assert trainer.optimizer.param_groups[0]["lr"] == 0.002 and trainer.optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert "resume: optim.lr changed 0.01 -> 0.002" in capsys.readouterr().out
+    history = [json.loads(line) for line in (tmp_path / "lr" / "resumes.jsonl").read_text().splitlines()]
+    assert history[-1]["changed"]["optim.lr"] == [0.01, 0.002]
+    assert load_config(tmp_path / "lr" / "config.yaml").optim.lr == 0.002  # config.yaml holds what is used
+
+
+def test_change_that_makes_another_experiment_is_refused(tmp_path: Path, tiny_shards: Path) -> None:
+    fit(tiny_shards, tmp_path, "fixed", "train.max_steps=2")
+    with pytest.raises(UserError, match="loss.name changed from 'mse' to 'bce'.*cannot change"):
+        fit(tiny_shards, tmp_path, "fixed", "train.max_steps=4", "loss.name=bce")
+
+
+def test_another_runs_checkpoint_starts_a_new_wandb_run(tmp_path: Path, tiny_shards: Path) -> None:
+    first, _ = fit(tiny_shards, tmp_path, "a", "train.max_steps=2")
+    source = tmp_path / "a" / "checkpoints" / "step-2"
+    second, _ = fit(tiny_shards, tmp_path, "b", "train.max_steps=4", f"train.resume={source}")
+    assert second.state.wandb_run_id != first.state.wandb_run_id
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["started_from"] == str(source) and summary["step"] == 4
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path, tiny_shards: Path, capsys: pytest.CaptureFixture) -> None:
+    fit(tiny_shards, tmp_path, "dmg", "train.max_steps=4")
+    ckpts = tmp_path / "dmg" / "checkpoints"
+    (ckpts / "step-4" / "model.safetensors").write_bytes(b"garbage")
+    trainer, code = fit(tiny_shards, tmp_path, "dmg", "train.max_steps=6")
+    assert code == 0 and trainer.state.resumed_from == [2]
+    assert f"warning: checkpoint {ckpts / 'step-4'} is damaged" in capsys.readouterr().out
+    for folder in ckpts.glob("step-*"):
+        (folder / "state.json").write_text("{not json")
+    with pytest.raises(UserError, match="no usable checkpoint .* damaged"):
+        fit(tiny_shards, tmp_path, "dmg", "train.max_steps=8")
+
+
+def test_resume_path_that_is_no_checkpoint_says_so(tmp_path: Path, tiny_shards: Path) -> None:
+    with pytest.raises(UserError, match="is not a checkpoint folder"):
+        fit(tiny_shards, tmp_path, "etc", f"train.resume={tmp_path}")
+
+
+def test_full_disk_while_checkpointing_cleans_up_and_keeps_older(tmp_path: Path, tiny_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate import Accelerator
+
+    fit(tiny_shards, tmp_path, "full", "train.max_steps=2")
+    real = Accelerator.save_state
+
+    def full(self: Accelerator, output_dir: str, **kw: object) -> None:
+        real(self, output_dir, **kw)  # writes part of the checkpoint, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", output_dir)
+
+    monkeypatch.setattr(Accelerator, "save_state", full)
+    with pytest.raises(CheckpointError, match="No space left on device.*older checkpoints .* are kept"):
+        fit(tiny_shards, tmp_path, "full", "train.max_steps=4")
+    ckpts = tmp_path / "full" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best", "step-2"]  # no .tmp-step-4 left behind
+
+
+def test_run_folder_lock_refuses_a_second_live_run_but_not_a_dead_ones(tmp_path: Path) -> None:
+    lock = RunLock(tmp_path / "run")
+    with pytest.raises(UserError, match=f"in use by pid {os.getpid()}"):
+        RunLock(tmp_path / "run")
+    lock.release()
+    RunLock(tmp_path / "run").release()
+    # A holder killed with SIGKILL (a preempted job's predecessor) leaves no stale lock behind.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from aedist.resume import RunLock; "
+                               f"lock = RunLock(Path({str(tmp_path / 'run')!r})); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError):
+        RunLock(tmp_path / "run")
+    holder.kill()
+    holder.wait()
+    RunLock(tmp_path / "run").release()
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train=3", "'train' is a section"), ("run.name=../x", "plain folder name"), ("run.name=/abs", "plain folder name"),
+])
+def test_bad_overrides_are_refused(override: str, words: str) -> None:
+    with pytest.raises(UserError, match=words):
+        load_config("configs/debug.yaml", ["train.max_steps=4", override])
+
+
+def _config_file(tmp: Path, shards: Path, name: str, *extra: str) -> Path:
+    import yaml
+
+    data: dict = {}
+    for item in overrides(shards, tmp, name, *extra):
+        key, value = item.split("=", 1)
+        section, field = key.split(".")
+        data.setdefault(section, {})[field] = yaml.safe_load(value)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_signal_in_the_first_second_saves_and_exits_with_its_code(tmp_path: Path, tiny_shards: Path, sig: int, code: int) -> None:
+    cfg = _config_file(tmp_path, tiny_shards, "sig", "train.epochs=50")
+    proc = subprocess.Popen([sys.executable, "launch/train.py", "--config", str(cfg)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    time.sleep(0.5)  # still importing torch: before any trainer exists
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err[-2000:]
+    assert "saved step 1" in out and (tmp_path / "sig" / "checkpoints" / "step-1" / "COMPLETE").exists()
+
+
+@pytest.mark.slow
+def test_online_wandb_without_login_is_one_line(tmp_path: Path, tiny_shards: Path) -> None:
+    cfg = _config_file(tmp_path, tiny_shards, "online", "train.max_steps=1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wbcfg"))
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(cfg), "log.wandb=online"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "wandb login" in lines[0] and "log.wandb=offline" in lines[0]
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_garbage_model_or_config_is_one_line(tmp_path: Path, tiny_shards: Path) -> None:
+    fit(tiny_shards, tmp_path, "ev", "train.max_steps=2")
+    run = tmp_path / "ev"
+    (run / "checkpoints" / "step-2" / "model.safetensors").write_bytes(b"\x00" * 10)
+    proc = subprocess.run([sys.executable, "launch/evaluate.py", str(run), "--no-wandb"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "model.safetensors cannot be read" in proc.stderr and "Traceback" not in proc.stderr
+    (run / "config.yaml").write_text("run: {name: [unclosed\n")
+    proc = subprocess.run([sys.executable, "launch/evaluate.py", str(run), "--no-wandb"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
