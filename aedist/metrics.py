@@ -50,7 +50,9 @@ def _snr(p: Tensor, t: Tensor) -> Tensor:
     return 10.0 * (torch.log10(sig.clamp_min(POWER_FLOOR)) - torch.log10(err.clamp_min(POWER_FLOOR)))
 
 
-SUM_KEYS = ("n_images", *METRICS)
+def sum_keys() -> tuple[str, ...]:
+    """The keys of :func:`batch_sums` (computed on call: metrics may register after import)."""
+    return ("n_images", *METRICS)
 
 
 def batch_sums(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
@@ -77,7 +79,7 @@ def accumulate(total: dict[str, Tensor] | None, sums: dict[str, Tensor]) -> dict
     """Add ``sums`` (from :func:`batch_sums`) into ``total``; ``total=None`` starts a new tally."""
     if total is None:
         return {k: v.clone() for k, v in sums.items()}
-    return {k: total[k] + sums[k] for k in SUM_KEYS}
+    return {k: total[k] + sums[k] for k in sum_keys()}
 
 
 def finalize(sums: dict[str, Tensor], prefix: str) -> dict[str, float]:

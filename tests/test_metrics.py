@@ -52,7 +52,7 @@ def test_snr_of_known_noise_level() -> None:
 def test_empty_and_mismatched_inputs() -> None:
     with pytest.raises(ValueError):
         metrics.batch_sums(torch.rand(2, 3), torch.rand(2, 4))
-    nan = metrics.finalize({k: torch.tensor(0.0) for k in metrics.SUM_KEYS}, "e")
+    nan = metrics.finalize({k: torch.tensor(0.0) for k in metrics.sum_keys()}, "e")
     assert all(np.isnan(v) for v in nan.values())
 
 
@@ -83,7 +83,7 @@ def test_sums_are_float64_scalars_even_from_bf16() -> None:
     """All-reducible: 0-d float64 on pred's device, whatever the autocast dtype of pred."""
     target = torch.rand(6, 1, 8, 8)
     sums = metrics.batch_sums(target.to(torch.bfloat16), target)
-    assert set(sums) == set(metrics.SUM_KEYS)
+    assert set(sums) == set(metrics.sum_keys())
     assert all(v.dtype == torch.float64 and v.dim() == 0 and v.device == target.device for v in sums.values())
     assert sums["n_images"].item() == 6
     bf = target.to(torch.bfloat16).double().numpy()

@@ -56,15 +56,16 @@ class _Tally:
         # joins the all-reduce with zeros, so ranks never disagree on the collective's shape.
         flat = [self.loss.get(k, 0.0) for k in loss_keys] + [self.n]
         for name in set_names:
-            flat += [float(self.sets[name][k]) if name in self.sets else 0.0 for k in metrics.SUM_KEYS]
+            flat += [float(self.sets[name][k]) if name in self.sets else 0.0 for k in metrics.sum_keys()]
         total = accelerator.reduce(torch.tensor(flat, dtype=torch.float64, device=accelerator.device), "sum").tolist()
         n = total[len(loss_keys)]
         out = {f"{split}/{k}": total[j] / max(n, 1.0) for j, k in enumerate(loss_keys)}
         offset = len(loss_keys) + 1
-        width = len(metrics.SUM_KEYS)
+        keys = metrics.sum_keys()
+        width = len(keys)
         for j, name in enumerate(set_names):
             vals = total[offset + j * width: offset + (j + 1) * width]
-            fin = metrics.finalize({k: torch.tensor(v) for k, v in zip(metrics.SUM_KEYS, vals)}, name)
+            fin = metrics.finalize({k: torch.tensor(v) for k, v in zip(keys, vals)}, name)
             if name.endswith("/input"):  # "test_rotated/input/mse" reads better as "test_rotated/input_mse"
                 fin = {k.replace("/input/", "/input_"): v for k, v in fin.items()}
             out.update(fin)
