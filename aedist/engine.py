@@ -142,6 +142,18 @@ class Trainer:
             raise UserError(f"data.batch_size={c.data.batch_size} does not divide over {self.world} ranks x "
                             f"{c.train.grad_accum} accumulation steps; use a multiple of {per}")
         from aedist.data.corruption import validate_spec
+        from aedist.data.shards import verify_shard
+
+        if "://" not in c.data.shards:  # URL shards are verified as they arrive in the cache
+            # Every split now (sha256, cached per process for the loader): a corrupt test shard must not
+            # surface at the end of epoch 1. With data.on_error=skip it is counted when read instead.
+            for split in m.splits.values():
+                for shard in split.shards:
+                    try:
+                        verify_shard(m, shard)
+                    except UserError:
+                        if c.data.on_error == "raise":
+                            raise
 
         for key, spec in [("corruption", c.corruption), *((f"eval.corruptions.{k}", v) for k, v in c.eval.corruptions.items())]:
             try:

@@ -171,3 +171,19 @@ def test_evaluate_with_a_garbage_model_or_config_is_one_line(tmp_path: Path, tin
     (run / "config.yaml").write_text("run: {name: [unclosed\n")
     proc = subprocess.run([sys.executable, "launch/evaluate.py", str(run), "--no-wandb"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "is not valid YAML" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_problems_found_late_are_found_before_step_one(tmp_path: Path, tiny_shards: Path) -> None:
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    with pytest.raises(UserError, match="eval.corruptions.big.*grid 5 must divide the image size 28x28"):
+        fit(shards, tmp_path, "late", "eval.corruptions={big: [{jigsaw: {grid: 5}}]}")
+    test_shard = next(shards.glob("test-*.tar"))
+    data = bytearray(test_shard.read_bytes())
+    data[-600] ^= 0xFF  # same size, other content: only the sha256 can tell
+    test_shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"shard {test_shard} is corrupt"):
+        fit(shards, tmp_path, "late2")
+    assert not (tmp_path / "late2" / "checkpoints").exists()  # refused before any training step
