@@ -31,7 +31,7 @@ class TrainState:
 
     step: int = 0
     epoch: int = 0
-    batch: int = 0  # micro-batches of ``epoch`` already consumed by each rank
+    batch: int = 0  # micro-batches this start's stream of ``epoch`` yielded per rank (older checkpoints: of the epoch)
     wandb_run_id: str = ""
     model_hash: str = ""
     model: dict[str, Any] = field(default_factory=dict)
@@ -46,6 +46,9 @@ class TrainState:
     epoch_loss_steps: int = 0
     started_from: str = ""  # the checkpoint of another run this run started from, if any
     world_sizes: list[int] = field(default_factory=list)  # processes of each start, in order
+    # Where ``epoch`` stands in world-independent terms (DataPosition.to_dict()); None at an epoch's start.
+    # Checkpoints written before it existed have only ``batch``, read as this world's position.
+    data_position: dict[str, Any] | None = None
 
 
 def _fsync_write(path: Path, text: str) -> None:

@@ -39,7 +39,7 @@ from aedist.checkpoint import (
     newest_checkpoint,
 )
 from aedist.config import Config, save_config
-from aedist.data import load_batches, num_batches, read_manifest
+from aedist.data import BatchStream, DataPosition, load_batches, num_batches, read_manifest
 from aedist.data.corruption import make_generator
 from aedist.errors import UserError
 from aedist.evaluation import draw_figures, evaluate_split, knn_metric, load_probe
@@ -111,11 +111,14 @@ class Trainer:
         if self.schedule.inner is not None:
             acc.register_for_checkpointing(self.schedule)
         self.ckpt_root = cfg.run_dir / "checkpoints"
-        self.checkpoints = CheckpointPolicy(acc, self.ckpt_root, t.checkpoint_every, t.keep_last, self._fold_epoch_loss)
+        self.checkpoints = CheckpointPolicy(acc, self.ckpt_root, t.checkpoint_every, t.keep_last, self._before_save)
+        self.stream: BatchStream | None = None  # the epoch being read: its position goes into checkpoints
         self.state = self._resume_or_start()
-        if self.state.world_sizes and self.state.world_sizes[-1] != self.world:
-            acc.print(f"resumed on a different world size: {self.state.world_sizes[-1]} -> {self.world} processes")
+        previous_world = self.state.world_sizes[-1] if self.state.world_sizes else self.world
+        if previous_world != self.world:
+            acc.print(f"resumed on a different world size: {previous_world} -> {self.world} processes")
         self.state.world_sizes.append(self.world)
+        self._plan_remaining_steps()
         # This rank's sum of step losses since the last fold into state.epoch_loss_sum (kept on the
         # device so the hot loop never syncs; folded across ranks at checkpoints and epoch ends).
         self.epoch_loss = torch.zeros((), device=acc.device)
@@ -129,6 +132,9 @@ class Trainer:
         acc.print(f"precision: mixed_precision={self.mixed_precision} channels_last={self.channels_last} "
                   f"compile={self.compiled} on {device.type} x{self.world}")
         self.tracker = Tracker(acc, cfg, self.state.wandb_run_id)
+        if previous_world != self.world:
+            self.tracker.log({"resume/world_size": self.world, "resume/previous_world_size": previous_world},
+                             step=self.state.step, epoch=self.state.epoch)
 
     def _check_inputs(self) -> None:
         """Everything that can be checked before step 1, so no epoch is lost to a late error."""
@@ -197,8 +203,36 @@ class Trainer:
             record_resume(cfg.run_dir, {"step": state.step, "world_size": self.world, "from": str(folder),
                                         "changed": {k: list(v) for k, v in changes.items()}})
         state.resumed_from.append(state.step)
-        acc.print(f"resumed from {folder} (step {state.step}, epoch {state.epoch}, batch {state.batch})")
+        where = DataPosition.from_dict(state.data_position).describe() if state.data_position else f"epoch {state.epoch}, batch {state.batch}"
+        acc.print(f"resumed from {folder} (step {state.step}; {where})")
         return state
+
+    def _plan_remaining_steps(self) -> None:
+        """Total steps = done + what the resumed epoch still holds on this world and batch geometry +
+        the later epochs; the cosine schedule stretches or shrinks to it (a batch change alters it)."""
+        s, t = self.state, self.cfg.train
+        if s.epoch >= t.epochs:
+            left = 0
+        elif s.data_position and s.data_position.get("epoch") == s.epoch:
+            pos = DataPosition.from_dict(s.data_position).relayout(self.world, self.per_rank, t.grad_accum)
+            left = pos.remaining // self.per_rank // t.grad_accum + (t.epochs - s.epoch - 1) * self.steps_per_epoch
+        else:  # an epoch's start, or a checkpoint from before data positions: ``batch`` micro-batches in
+            left = max(self.steps_per_epoch - s.batch // t.grad_accum, 0) + (t.epochs - s.epoch - 1) * self.steps_per_epoch
+        planned = s.step + left
+        self.total_steps = planned if t.max_steps == 0 else min(t.max_steps, planned)
+        self.schedule.total_steps = self.total_steps
+
+    def _open_epoch(self) -> BatchStream:
+        """This rank's stream of the current epoch, from the checkpointed position if it is in this epoch."""
+        cfg, s, acc = self.cfg, self.state, self.accelerator
+        pos = s.data_position if s.data_position and s.data_position.get("epoch") == s.epoch else None
+        stream = load_batches(
+            cfg.data.shards, "train", self.per_rank, self.rank, self.world, seed=cfg.train.seed, epoch=s.epoch,
+            device=acc.device, position=pos, start_batch=0 if pos else s.batch, batches_per_step=cfg.train.grad_accum,
+            limit=cfg.data.limit, on_error=cfg.data.on_error, shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=cfg.data.pin_memory)
+        if pos is not None and stream.start is not None:
+            acc.print(f"data position: {stream.start.describe()}")
+        return stream
 
     # ------------------------------------------------------------------ one step
 
@@ -208,6 +242,16 @@ class Trainer:
             return list(flags)
         t = torch.tensor([float(f) for f in flags], device=self.accelerator.device)
         return [bool(v > 0) for v in self.accelerator.reduce(t, "sum").tolist()]
+
+    def _agree_count(self, steps: int) -> int:
+        """The fewest steps any rank's stream holds (one all-reduce per epoch)."""
+        if self.world == 1:
+            return steps
+        counts = self.accelerator.gather(torch.tensor([steps], device=self.accelerator.device))
+        fewest = int(counts.min())
+        if fewest != steps:
+            self.accelerator.print(f"warning: ranks hold {counts.tolist()} steps this epoch; all take {fewest}")
+        return fewest
 
     def _step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], want_norm: bool) -> StepResult:
         """One optimizer step over ``grad_accum`` micro-batches. The grad norm is computed only when
@@ -248,16 +292,17 @@ class Trainer:
     def fit(self) -> int:
         """Train to the end (exit code 0) or until preempted (exit code :data:`REQUEUE_EXIT_CODE`)."""
         acc, cfg, s = self.accelerator, self.cfg, self.state
-        micro_per_epoch = self.steps_per_epoch * cfg.train.grad_accum
+        accum = cfg.train.grad_accum
         probe = load_probe(cfg, acc.device) if acc.is_main_process else None
         bar = tqdm(total=self.total_steps, initial=s.step, disable=not acc.is_main_process, dynamic_ncols=True)
         window = {"t": time.perf_counter(), "images": 0, "wait": 0.0}
         while s.epoch < cfg.train.epochs and s.step < self.total_steps:
-            batches = load_batches(
-                cfg.data.shards, "train", self.per_rank, self.rank, self.world, seed=cfg.train.seed, epoch=s.epoch,
-                device=acc.device, start_batch=s.batch, limit=cfg.data.limit, on_error=cfg.data.on_error,
-                shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=cfg.data.pin_memory)
-            while s.batch < micro_per_epoch and s.step < self.total_steps:
+            self.stream = batches = self._open_epoch()
+            # Whole steps; the same count on every rank (drop_last layouts, and shards skipped under
+            # data.on_error=skip are found by every rank alike): checked, as a mismatch would hang DDP.
+            micro = self._agree_count(len(batches) // accum) * accum
+            s.batch = 0
+            while s.batch < micro and s.step < self.total_steps:
                 t0 = time.perf_counter()
                 log_now = (s.step + 1) % cfg.log.every == 0 or s.step + 1 == self.total_steps
                 res = self._step(batches, want_norm=log_now)
@@ -274,8 +319,10 @@ class Trainer:
                 self.checkpoints.after_step(s, preempted=res.preempt or res.interrupt)
                 if res.preempt or res.interrupt:
                     return self._stop_now(res, bar)
-            if s.batch >= micro_per_epoch:  # a full epoch, not a max_steps cut
-                s.epoch, s.batch = s.epoch + 1, 0
+            if s.batch >= micro:  # a full epoch, not a max_steps cut
+                batches.close()
+                self.stream = None
+                s.epoch, s.batch, s.data_position = s.epoch + 1, 0, None
                 last = s.epoch >= cfg.train.epochs or s.step >= self.total_steps
                 self._end_train_epoch()
                 if (s.epoch % cfg.train.eval_every == 0 or last) and self._evaluate(probe, last):
@@ -328,6 +375,12 @@ class Trainer:
         self.tracker.log(values, step=s.step, epoch=s.epoch)
         bar.set_postfix(loss=f"{values['train/loss']:.4g}", lr=f"{values['train/lr']:.2g}", img_s=f"{values['train/img_per_s']:.0f}")
         window.update(t=time.perf_counter(), images=0, wait=0.0)
+
+    def _before_save(self) -> None:
+        """Runs on every rank before each checkpoint: fold the loss sums, record the data position."""
+        self._fold_epoch_loss()
+        position = self.stream.position if self.stream is not None else None
+        self.state.data_position = position.to_dict() if position is not None else None
 
     def _fold_epoch_loss(self) -> None:
         """Add the ranks' mean of the loss summed since the last fold to the state (same on every rank)."""

@@ -31,6 +31,7 @@ class Schedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> None:
         self.cfg = cfg
+        self.total_steps = total_steps  # the engine corrects it on an elastic resume; the cosine reads it each step
         self.inner: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
         if cfg.scheduler == "plateau":
             self.inner = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -41,7 +42,7 @@ class Schedule:
             def factor(step: int) -> float:
                 if step < warmup:
                     return (step + 1) / warmup
-                progress = (step - warmup) / max(1, total_steps - warmup)
+                progress = (step - warmup) / max(1, self.total_steps - warmup)
                 return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
             self.inner = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

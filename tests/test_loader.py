@@ -103,3 +103,19 @@ def test_stats_count_samples(shards):
     stats: dict = {}
     n = sum(len(y) for _, y in load_batches(d, "train", 64, stats=stats))
     assert stats == {"skipped_shards": 0, "samples": n} and n == N // 64 * 64
+
+
+def test_stream_counts_and_its_position_resumes_like_start_batch(shards):
+    d, _ = shards
+    kw = dict(batch_size=16, rank=1, world_size=3, seed=5, epoch=3, shuffle_buffer=100)
+    stream = load_batches(d, "train", **kw)
+    assert len(stream) == num_batches(d, "train", 16, 3)
+    for _ in range(4):
+        next(stream)
+    pos = stream.position
+    assert pos.remaining == (len(stream) - 4) * 16 and pos.consumed_samples == 3 * 4 * 16
+    by_position = list(load_batches(d, "train", **kw, position=pos.to_dict()))
+    by_index = list(load_batches(d, "train", **kw, start_batch=4))
+    assert len(by_position) == len(by_index) == len(stream) - 4
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(by_position, by_index))
+    assert load_batches(d, "train", 64, shuffle=False, drop_last=False).position is None

@@ -187,3 +187,32 @@ def test_problems_found_late_are_found_before_step_one(tmp_path: Path, tiny_shar
     with pytest.raises(UserError, match=f"shard {test_shard} is corrupt"):
         fit(shards, tmp_path, "late2")
     assert not (tmp_path / "late2" / "checkpoints").exists()  # refused before any training step
+
+
+@pytest.mark.slow
+def test_skipped_shards_and_a_one_sample_val_split_end_cleanly_on_two_ranks(tmp_path: Path, run_py) -> None:
+    """data.on_error=skip with a corrupt train shard and a corrupt test shard, and a val split of one
+    sample (rank 1 holds no val batch): two gloo ranks finish every epoch on the shorter stream."""
+    import numpy as np
+
+    from aedist.data import write_shards
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (417, 1, 28, 28), dtype=np.uint8), rng.integers(0, 4, 417)
+    shards = tmp_path / "shards"  # blocks of 32, 4 per shard: train = 2 shards, test = 2 shards
+    write_shards(shards, {"train": (x[:256], y[:256]), "val": (x[256:257], y[256:257]), "test": (x[257:], y[257:])},
+                 ["a", "b", "c", "d"], samples_per_block=32, blocks_per_shard=4)
+    for name in ("train-000001.tar", "test-000001.tar"):
+        data = bytearray((shards / name).read_bytes())
+        data[-600] ^= 0xFF
+        (shards / name).write_bytes(bytes(data))
+    cfg = _config_file(tmp_path, shards, "skip", "data.on_error=skip")
+    accel = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    proc = run_py([*accel, "launch/train.py", "--config", str(cfg)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipping shard" in proc.stderr and "train-000001.tar" in proc.stderr and "test-000001.tar" in proc.stderr
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert summary["completed"] and summary["epoch"] == 2
+    assert summary["step"] == 2 * (128 // 32)  # the 128 readable train samples, global batch 32
+    assert np.isfinite(summary["val/loss"]) and np.isfinite(summary["test/loss"])

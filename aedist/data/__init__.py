@@ -6,7 +6,8 @@
 """
 
 from aedist.data.corruption import corrupt, validate_spec
-from aedist.data.loader import load_batches, num_batches
+from aedist.data.loader import BatchStream, load_batches, num_batches
+from aedist.data.position import DataPosition
 from aedist.data.shards import Manifest, read_manifest, write_shards
 
-__all__ = ["Manifest", "corrupt", "load_batches", "num_batches", "read_manifest", "validate_spec", "write_shards"]
+__all__ = ["BatchStream", "DataPosition", "Manifest", "corrupt", "load_batches", "num_batches", "read_manifest", "validate_spec", "write_shards"]

@@ -13,18 +13,24 @@ resumed run compute the same thing without reading data):
    that ran dry), else ``[r*T//W, (r+1)*T//W)`` (every sample exactly once across ranks). Ranges
    cover whole blocks except at the W-1 boundaries, so ranks read disjoint data;
 4. the range is cut into windows of about ``shuffle_buffer`` samples (whole blocks); with
-   ``shuffle`` each window's samples are permuted by ``(seed, epoch, rank, window)``;
-5. batches are consecutive slices of the windows. ``start_batch=k`` skips whole windows unread and
-   drops the head of the window holding sample ``k*B``, so it yields batches k.. of the epoch exactly.
+   ``shuffle`` each window's samples are permuted by ``(seed, epoch, rank, window)``
+   (:mod:`aedist.data.pieces`);
+5. batches are consecutive slices of the windows.
+
+Resuming: the returned stream's ``.position`` (:class:`aedist.data.position.DataPosition`) says which
+samples of the epoch's order were consumed, independent of world and batch size; passed back as
+``position=`` on any world size it yields the rest of the epoch, each sample once, split evenly over
+the ranks. Windows before the position are never read, and a window cut by it is read sample-exact.
 
 No per-sample Python: a window is read with ``readinto`` straight from the tar into one buffer and
-permuted with a single ``np.take``. Peak memory is about two windows, whatever the dataset size.
+permuted with a single gather. Peak memory is about two windows, whatever the dataset size.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +38,14 @@ import numpy as np
 import torch
 
 from aedist.data import shards as S
+from aedist.data.pieces import Block, Piece, PieceReader, Window, block_bases, rank_windows, slice_windows
+from aedist.data.position import DataPosition
 from aedist.errors import UserError
 
 log = logging.getLogger(__name__)
-
-Block = tuple[int, int, int]  # (shard index, block index in shard, samples used)
+# Debug hook for tests and drills: AEDIST_DUMP_IDS=DIR appends the global sample ids of every training
+# batch (drop_last streams) a process yields to DIR/SPLIT-epochE-worldW-rankR-pidP.i64 (raw int64).
+DUMP_ENV = "AEDIST_DUMP_IDS"
 
 
 def _split_blocks(m: S.Manifest, split: str, limit: int) -> list[Block]:
@@ -73,19 +82,6 @@ def num_batches(
     return max(-(-(hi - lo) // batch_size) for lo, hi in (_rank_range(total, batch_size, r, world_size, False) for r in range(world_size)))
 
 
-def _windows(segments: list[tuple[Block, int, int]], window: int) -> list[list[tuple[Block, int, int]]]:
-    """Group consecutive (block, start, stop) segments into windows of at least ``window`` samples."""
-    out: list[list[tuple[Block, int, int]]] = []
-    count = window  # forces a new window first
-    for seg in segments:
-        if count >= window:
-            out.append([])
-            count = 0
-        out[-1].append(seg)
-        count += seg[2] - seg[1]
-    return out
-
-
 class _Reader:
     """Reads block slices into caller buffers; checks each shard (sha256, tar index) before first use."""
 
@@ -101,6 +97,7 @@ class _Reader:
         if si in self.offsets:
             return
         shard = self.shards[si]
+        S.fetch_shard(self.m, shard)  # a URL's shard: into the local cache (m.root) on first use; no-op for a folder
         if self.m.layout == "samples":
             if not (self.m.root / shard.name).is_file():
                 raise UserError(f"shard {self.m.root / shard.name} is missing")
@@ -148,6 +145,9 @@ def load_batches(
     device: str | torch.device = "cpu",
     *,
     start_batch: int = 0,
+    position: DataPosition | dict[str, Any] | None = None,
+    batches_per_step: int = 1,
+    return_ids: bool = False,
     shuffle: bool = True,
     drop_last: bool = True,
     limit: int = 0,
@@ -156,8 +156,15 @@ def load_batches(
     pin_memory: bool = True,
     verify: bool = True,
     stats: dict[str, Any] | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> BatchStream:
     """Yield (images uint8 [B,C,H,W], labels int64 [B]) of ``rank``'s share of one epoch on ``device``.
+
+    ``position`` (a :class:`DataPosition` or its ``to_dict()``, from a run on any world size and batch
+    size) continues that epoch where it stood; the rest is split over this world in whole steps of
+    ``batches_per_step`` batches. ``start_batch=k`` is the older form: this world's layout after k
+    batches. ``return_ids`` adds a third item, the samples' global ids (int64 [B] on the CPU: offsets in
+    the split's manifest order). The result's ``len`` and ``.position`` are what the engine counts
+    steps with and checkpoints.
 
     ``on_error="skip"`` checks every shard of the split up front and leaves out bad ones (counted in
     ``stats["skipped_shards"]``, with a warning), so all ranks still agree on the layout; ``"raise"``
@@ -168,6 +175,8 @@ def load_batches(
         raise UserError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"bad rank {rank} / world_size {world_size} / batch_size {batch_size}")
+    if position is not None and (start_batch or not drop_last):
+        raise ValueError("position works with drop_last=True and no start_batch")
     m = S.read_manifest(shards_dir)
     reader = _Reader(m, split, verify)
     stats = stats if stats is not None else {}
@@ -184,81 +193,124 @@ def load_batches(
                 bad.add(si)
         stats["skipped_shards"] += len(bad)
         blocks = [b for b in blocks if b[0] not in bad]
-    return _iterate(m, reader, blocks, batch_size, rank, world_size, seed, epoch, torch.device(device),
-                    start_batch, shuffle, drop_last, shuffle_buffer, pin_memory, stats)
-
-
-def _iterate(
-    m: S.Manifest, reader: _Reader, blocks: list[Block], batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
-    device: torch.device, start_batch: int, shuffle: bool, drop_last: bool, shuffle_buffer: int, pin_memory: bool, stats: dict[str, Any],
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(len(blocks))
         blocks = [blocks[i] for i in order]
-    sizes = np.array([b[2] for b in blocks], dtype=np.int64)
-    ends = np.cumsum(sizes)
-    lo, hi = _rank_range(int(ends[-1]) if len(ends) else 0, batch_size, rank, world_size, drop_last)
-    segments = []  # (block, start, stop) covering this rank's [lo, hi) of the stream
-    for i in range(int(np.searchsorted(ends, lo, side="right")), len(blocks)):
-        b_start = int(ends[i] - sizes[i])
-        if b_start >= hi:
-            break
-        segments.append((blocks[i], max(lo, b_start) - b_start, min(hi, int(ends[i])) - b_start))
-    windows = _windows(segments, max(shuffle_buffer, 1) if shuffle else 1)
-    pin = pin_memory and device.type == "cuda"
-    c, h, w = m.shape
-    skip = start_batch * batch_size  # samples of this rank's stream to drop before the first batch
-    scratch = np.empty(0, dtype=np.uint8)
-    carry: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if position is not None and not isinstance(position, DataPosition):
+        position = DataPosition.from_dict(position)
+    pieces, count, pos = _plan(blocks, split, batch_size, rank, world_size, seed, epoch, start_batch, position, batches_per_step,
+                               shuffle, drop_last, limit, shuffle_buffer)
+    dev = torch.device(device)
+    pin = pin_memory and dev.type == "cuda"
+    dump = os.environ.get(DUMP_ENV, "") if drop_last else ""
+    bases = block_bases([s.blocks for s in m.split(split).shards]) if return_ids or dump else None
+    dump_path = Path(dump) / f"{split}-epoch{epoch}-world{world_size}-rank{rank}-pid{os.getpid()}.i64" if dump else None
+    pieces_reader = PieceReader(reader, m.shape, seed, epoch, shuffle, pin, bases)
+    gen = _iterate(reader, pieces_reader, pieces, batch_size, dev, drop_last, pin, stats, return_ids, dump_path)
+    return BatchStream(gen, count, batch_size, pos)
+
+
+def _plan(
+    blocks: list[Block], split: str, batch_size: int, rank: int, world_size: int, seed: int, epoch: int, start_batch: int,
+    position: DataPosition | None, batches_per_step: int, shuffle: bool, drop_last: bool, limit: int, shuffle_buffer: int,
+) -> tuple[list[Piece], int, DataPosition | None]:
+    """What ``rank`` reads (pieces of shuffle windows, in order), how many batches that makes, and the
+    epoch position it starts from (None without ``drop_last``). ``blocks`` are in stream order."""
+    total = sum(b[2] for b in blocks)
+    window = max(shuffle_buffer, 1) if shuffle else 1
+    if not drop_last:  # evaluation: every sample once, ranks may differ by a batch
+        lo, hi = _rank_range(total, batch_size, rank, world_size, False)
+        skip = min(start_batch * batch_size, hi - lo)
+        return slice_windows(rank_windows(blocks, lo, hi, rank, window), skip, hi - lo), -(-(hi - lo - skip) // batch_size), None
+    if position is None:
+        pos = DataPosition.start(split, seed=seed, epoch=epoch, limit=limit, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+                                 total=total, world=world_size, batch_size=batch_size)
+        pos = pos.advance(min(start_batch * batch_size, pos.remaining))
+    else:
+        position.check(split=split, seed=seed, epoch=epoch, limit=limit, shuffle=shuffle, shuffle_buffer=shuffle_buffer, total=total)
+        pos = position.relayout(world_size, batch_size, batches_per_step)
+    span0 = pos.layouts[0].span
+    windows: dict[int, list[Window]] = {}  # layout-0 rank -> its windows, built once
+    pieces: list[Piece] = []
+    for r0, a, b in pos.rank_ranges(rank):
+        if r0 not in windows:
+            windows[r0] = rank_windows(blocks, r0 * span0, (r0 + 1) * span0, r0, window)
+        pieces += slice_windows(windows[r0], a, b)
+    return pieces, pos.remaining // batch_size, pos
+
+
+class BatchStream:
+    """One rank's batches of one epoch (an iterator) that knows how many it yields and where it stands.
+
+    ``len(stream)``: batches it yields from its start, the same on every rank under ``drop_last``.
+    ``stream.position``: the :class:`DataPosition` after the batches yielded so far (None without
+    ``drop_last``); every yielded batch counts as consumed, so read it after the step that used them.
+    """
+
+    def __init__(self, batches: Generator[tuple[torch.Tensor, ...], None, None], count: int, batch_size: int,
+                 start: DataPosition | None) -> None:
+        self._batches, self.count, self.batch_size, self.start = batches, count, batch_size, start
+        self.yielded = 0
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        item = next(self._batches)
+        self.yielded += 1
+        return item
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def position(self) -> DataPosition | None:
+        return None if self.start is None else self.start.advance(self.yielded * self.batch_size)
+
+    def close(self) -> None:
+        """Close the shard files now rather than when the stream is collected."""
+        self._batches.close()
+
+
+def _iterate(
+    reader: _Reader, pieces_reader: PieceReader, pieces: list[Piece], batch_size: int, device: torch.device, drop_last: bool,
+    pin: bool, stats: dict[str, Any], return_ids: bool, dump_path: Path | None,
+) -> Generator[tuple[torch.Tensor, ...], None, None]:
+    """Cut the pieces' samples into batches (a batch may span pieces) and move them to ``device``."""
+    carry: list[tuple[torch.Tensor, ...]] = []
     carried = 0
+    dump = open(dump_path, "ab") if dump_path else None  # noqa: SIM115 - closed in the finally below
+
+    def emit(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        stats["samples"] += len(parts[1])
+        if dump is not None:  # flushed per batch: a killed process leaves what it consumed
+            dump.write(parts[2].numpy().tobytes())
+            dump.flush()
+        x, y = _to_device(parts[0], parts[1], device, pin)
+        return (x, y, parts[2]) if return_ids else (x, y)
+
     try:
-        for wi, win in enumerate(windows):
-            n = sum(stop - start for _, start, stop in win)
-            if skip >= n:  # resume: this whole window precedes start_batch, never read it
-                skip -= n
-                continue
-            permute = shuffle and n > 1
-            if permute:  # read into a reused scratch window, then one gather into fresh memory
-                if scratch.size < n * c * h * w:
-                    scratch = np.empty(n * c * h * w, dtype=np.uint8)
-                sx, sy = scratch[: n * c * h * w].reshape(n, c, h, w), np.empty(n, dtype=np.int64)
-            else:  # read straight into the batch memory
-                x = torch.empty((n, c, h, w), dtype=torch.uint8, pin_memory=pin)
-                y = torch.empty((n,), dtype=torch.int64, pin_memory=pin)
-                sx, sy = x.numpy(), y.numpy()
-            pos = 0
-            for block, start, stop in win:
-                reader.read(block, start, stop, sx[pos : pos + stop - start], sy[pos : pos + stop - start])
-                pos += stop - start
-            if permute:
-                perm = np.random.default_rng([seed, epoch, rank, wi]).permutation(n)
-                if pin:
-                    x = torch.empty((n, c, h, w), dtype=torch.uint8, pin_memory=True)
-                    torch.index_select(torch.from_numpy(sx), 0, torch.from_numpy(perm), out=x)
-                    y = torch.from_numpy(sy[perm]).pin_memory()
-                else:  # numpy fancy indexing of whole rows: measured 2-4x faster than np.take(out=) here
-                    x, y = torch.from_numpy(sx[perm]), torch.from_numpy(sy[perm])
-            i = min(skip, n)
-            skip = 0
+        for win, a, b in pieces:
+            x, y, ids = pieces_reader.read(win, a, b)
+            n, i = b - a, 0
             while i < n:
                 take = min(batch_size - carried, n - i)
-                piece = (x[i : i + take], y[i : i + take])
+                piece = (x[i : i + take], y[i : i + take]) + (() if ids is None else (ids[i : i + take],))
                 i += take
                 if carried == 0 and take == batch_size:
-                    stats["samples"] += take
-                    yield _to_device(piece[0], piece[1], device, pin)
+                    yield emit(piece)
                     continue
                 carry.append(piece)
                 carried += take
                 if carried == batch_size:
-                    stats["samples"] += carried
-                    yield _to_device(torch.cat([p[0] for p in carry]), torch.cat([p[1] for p in carry]), device, pin)
+                    yield emit(tuple(torch.cat(parts) for parts in zip(*carry)))
                     carry, carried = [], 0
         if carried and not drop_last:
-            stats["samples"] += carried
-            yield _to_device(torch.cat([p[0] for p in carry]), torch.cat([p[1] for p in carry]), device, pin)
+            yield emit(tuple(torch.cat(parts) for parts in zip(*carry)))
     finally:
         reader.close()
+        if dump is not None:
+            dump.close()
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
