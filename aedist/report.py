@@ -1,155 +1,289 @@
-"""The results report over finished runs: one Markdown table, claims checked, figures, commands.
+"""The results report over finished runs: a table, a study's claims checked, loss curves, figures, commands.
 
-    python launch/report.py runs/* --out docs/RESULTS.md
+    python launch/report.py runs/* --claims configs/seeds/claims.yaml --out docs/RESULTS.md
+
+This module knows run folders only. Everything about a study (which runs answer which claim, the
+source's schedule, data and own numbers, which figures to show) is data in the study file; its
+format is described at the top of configs/seeds/claims.yaml. Runs named NAME-sK repeat NAME with
+another training seed and are reported together as mean ± std (n).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import yaml
+import numpy as np
 
+from aedist.config import read_yaml
 from aedist.errors import UserError
+from aedist.study import FAILS, HOLDS, Experiment, Stat, Study, check_claim, data_of, group_stat, is_number, load_study
 
-COLUMNS = ["run", "dataset", "epochs", "test MSE", "PSNR / SNR dB", "corrupted-input MSE", "kNN acc", "wall", "img/s"]
-
-
-def _load_run(run: Path) -> dict:
-    """config + summary + eval of one run folder (eval.json wins over the end-of-training numbers)."""
-    info = {"name": run.name, "path": run, "config": yaml.safe_load((run / "config.yaml").read_text())}
-    for part in ("summary", "eval"):
-        path = run / f"{part}.json"
-        info[part] = json.loads(path.read_text()) if path.exists() else {}
-    info["values"] = {**info["summary"], **info["eval"]}
-    cmd = run / "command.txt"  # one line per (re)start: a resumed or extended run lists each command once
-    info["command"] = "\n".join(dict.fromkeys(cmd.read_text().splitlines())) if cmd.exists() else ""
-    return info
+log = logging.getLogger(__name__)
+REPEAT = re.compile(r"^(?P<base>.+)-s\d+$")  # NAME-s1, NAME-s2: NAME trained again with train.seed=1, 2
+EPOCH_LOSS = "train/epoch_loss"
+CURVE_KEYS = (EPOCH_LOSS, "val/loss", "test/loss")
 
 
-def _fmt(v: float | None, spec: str = ".4f") -> str:
-    return "–" if v is None else format(v, spec)
+def _read_json(path: Path, fix: str) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object; {fix}")
+    return data
 
 
-def _row(info: dict) -> list[str]:
-    v, cfg = info["values"], info["config"]
-    corrupted = [(k.split("/")[0].removeprefix("test_"), x) for k, x in sorted(v.items())
-                 if k.startswith("test_") and k.endswith("/mse") and "/input" not in k]
-    shards = Path(cfg["data"]["shards"]).name
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows. A crash mid-write leaves a half line (a resume then appends to it), so an
+    unreadable line is skipped with a warning rather than failing the whole report."""
+    rows = []
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            log.warning("%s line %d is not a JSON object (half-written by a crash?); skipped", path, i)
+        elif row:
+            rows.append(row)
+    return rows
+
+
+def _points(rows: Iterable[dict[str, Any]], key: str, shift: int) -> list[tuple[int, float]]:
+    pts: dict[int, float] = {}
+    for row in rows:
+        if is_number(row.get(key)) and is_number(row.get("epoch")):
+            pts[int(row["epoch"]) + shift] = float(row[key])  # a resumed run logs an epoch again: the last row wins
+    return sorted(pts.items())
+
+
+def epoch_series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[tuple[int, float]], str | None]:
+    """(1-based epoch, value) of ``key``; for the epoch-mean training loss of an older run that did not
+    log it, the last step value of each epoch, with a note saying so."""
+    pts = _points(rows, key, 0)
+    if pts or key != EPOCH_LOSS:
+        return pts, None
+    # Step rows carry the 0-based epoch in progress; +1 puts them at the epoch val/test rows are logged at.
+    pts = _points(rows, "train/loss", 1)
+    return pts, ("train: last logged step of each epoch, not the epoch mean (run predates train/epoch_loss)" if pts else None)
+
+
+@dataclass
+class Run:
+    """One run folder as the report needs it."""
+    name: str
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    evals: dict[str, dict[str, Any]]  # "last": eval.json (newest checkpoint), "best": eval_best.json
+    rows: list[dict[str, Any]]
+    command: str
+
+    def section(self, name: str) -> dict[str, Any]:
+        v = self.config.get(name)
+        return v if isinstance(v, dict) else {}
+
+    @property
+    def shards(self) -> str:
+        return Path(str(self.section("data").get("shards", "?"))).name
+
+    @property
+    def precision(self) -> str:  # the resolved value when the run recorded one ("auto" says little)
+        return str(self.summary.get("mixed_precision") or self.section("train").get("mixed_precision", "?"))
+
+    def value(self, metric: str) -> float | None:
+        """``KEY`` from eval.json over summary.json; ``best:KEY`` from eval_best.json; ``first:KEY`` /
+        ``last:KEY`` from the per-epoch rows of metrics.jsonl."""
+        kind, _, key = metric.rpartition(":")
+        if kind in ("first", "last"):
+            pts = epoch_series(self.rows, key)[0]
+            return pts[0 if kind == "first" else -1][1] if pts else None
+        v = (self.evals["best"] if kind == "best" else {**self.summary, **self.evals["last"]}).get(key)
+        return float(v) if is_number(v) else None
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run folder; a garbled file is a one-line UserError naming it and the fix."""
+    p = Path(path)
+    cfg = read_yaml(p / "config.yaml", "run config")
+    evals = {"last": _read_json(p / "eval.json", f"evaluate again: python launch/evaluate.py {p}"),
+             "best": _read_json(p / "eval_best.json", f"evaluate again: python launch/evaluate.py {p} --checkpoint best")}
+    summary = _read_json(p / "summary.json", "restore it, or delete it and train the run again (it resumes)")
+    cmd = p / "command.txt"  # one line per (re)start: a resumed run lists each command once
+    command = "\n".join(dict.fromkeys(cmd.read_text(errors="replace").splitlines())) if cmd.is_file() else ""
+    return Run(p.name, p, cfg, summary, evals, read_rows(p / "metrics.jsonl"), command)
+
+
+def group_runs(runs: Iterable[Run]) -> dict[str, list[Run]]:
+    """NAME, NAME-s1, NAME-s2 … -> {NAME: [runs]}, NAME itself first."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        m = REPEAT.match(r.name)
+        groups.setdefault(m["base"] if m else r.name, []).append(r)
+    return {base: sorted(rs, key=lambda r: (r.name != base, r.name)) for base, rs in groups.items()}
+
+
+def _cell(st: Stat | None, spec: str = ".4f", unit: str = "") -> str:
+    return "–" if st is None else st.fmt(spec) + unit
+
+
+def _row(base: str, members: list[Run], exp: Experiment | None) -> list[str]:
+    g = lambda metric: group_stat(members, metric)  # noqa: E731
+    first = members[0]
+    epochs = "/".join(sorted({str(m.summary.get("epoch", "?")) for m in members}))
+    best_eps = ",".join(sorted({str(m.evals["best"]["epoch"]) for m in members if "epoch" in m.evals["best"]}))
+    corrupted = sorted({k.split("/")[0] for k in {**first.summary, **first.evals["last"]}
+                        if re.fullmatch(r"test_\w+/mse", k)})
+    minutes = Stat.of([m.summary["train_seconds"] / 60 for m in members]) if all(is_number(m.summary.get("train_seconds")) for m in members) else None
     return [
-        info["name"], shards, str(v.get("epoch", "–")), _fmt(v.get("test/mse")),
-        f"{_fmt(v.get('test/psnr_db'), '.2f')} / {_fmt(v.get('test/snr_db'), '.2f')}",
-        ", ".join(f"{name} {_fmt(x)}" for name, x in corrupted) or "–",
-        _fmt(v.get("test/knn_acc"), ".3f"),
-        f"{v['train_seconds'] / 60:.1f} min" if "train_seconds" in v else "–",
-        _fmt(v.get("img_per_s"), ",.0f"),
+        base if len(members) == 1 else f"{base} ×{len(members)}",
+        data_of(exp, first)[1] if exp else first.shards,
+        epochs + (f" / {exp.epochs}" if exp else ""),
+        ",".join(sorted({m.precision for m in members})),
+        _cell(minutes, ".1f", " min"), _cell(g("img_per_s"), ",.0f"),
+        _cell(g("test/mse")),
+        _cell(g("best:test/mse")) + (f" (ep {best_eps})" if best_eps else ""),
+        f"{_cell(g('test/psnr_db'), '.2f')} / {_cell(g('test/snr_db'), '.2f')}",
+        "; ".join(f"{c.removeprefix('test_')}: {_cell(g(f'{c}/mse'))} / {_cell(g(f'{c}/snr_db'), '.2f')} dB" for c in corrupted) or "–",
+        _cell(g("test/knn_acc"), ".3f"),
     ]
 
 
-def _claims(runs: dict[str, dict]) -> list[str]:
-    """The seeds' claims, checked with numbers from whichever runs are present."""
-    out = []
-
-    def get(name: str, key: str) -> float | None:
-        return runs.get(name, {}).get("values", {}).get(key)
-
-    def claim(text: str, ok: bool, detail: str) -> None:
-        out.append(f"- {'holds' if ok else '**does not hold**'}: {text} ({detail})")
-
-    a, b = get("fashion_rotated", "test_rotated/mse"), get("fashion_baseline", "test_rotated/mse")
-    if a is not None and b is not None:
-        claim("seed 000: training on rotated copies lowers the error on rotated test inputs", a < 0.8 * b,
-              f"rotated-input MSE {a:.4f} vs baseline {b:.4f}, ratio {a / b:.2f}")
-    a, b = get("fashion_rotated", "test_rotated/decoded_class_acc"), get("fashion_baseline", "test_rotated/decoded_class_acc")
-    if a is not None and b is not None:
-        claim("seed 000: decoded rotated images keep their class (kNN on train latents of clean images)", a > b,
-              f"class kept {a:.3f} (rotation-trained) vs {b:.3f} (baseline)")
-    for name, info in sorted(runs.items()):
-        v = info["values"]
-        if "test_noisy/snr_db" in v and "test_noisy/input_snr_db" in v:
-            claim(f"{name}: the denoised output's SNR beats the noisy input's", v["test_noisy/snr_db"] > v["test_noisy/input_snr_db"],
-                  f"{v['test_noisy/snr_db']:.2f} dB vs {v['test_noisy/input_snr_db']:.2f} dB; "
-                  f"on clean inputs the model reconstructs at {v.get('test/snr_db', float('nan')):.2f} dB")
-    plain, norm, drop = (get(f"stl10_{v}", "test/mse") for v in ("compress", "norm", "dropout"))
-    if plain is not None and norm is not None:
-        claim("seed 001: normalizing the input does not improve the test error", norm >= plain,
-              f"test MSE in pixel space {norm:.4f} (normalized) vs {plain:.4f} (plain)")
-    if plain is not None and drop is not None:
-        claim("seed 001: dropout improves the test error", drop < plain, f"test MSE {drop:.4f} (dropout) vs {plain:.4f} (plain)")
-    for vae, ae in [("fashion_vae", "fashion_ae"), ("colored_denoise_vae", "colored_denoise_ae")]:
-        a, b = get(vae, "test/latent_kl"), get(ae, "test/latent_kl")
-        if a is not None and b is not None:
-            claim(f"{vae}: the VAE's latent is closer to N(0, I) than {ae}'s", a < b,
-                  f"KL of a fitted diagonal Gaussian to N(0, I): {a:.3f} vs {b:.3f}")
-    return out
+COLUMNS = ["run", "data", "epochs (/ source's)", "precision", "train time", "img/s", "test MSE: clean in → clean target",
+           "test MSE, best checkpoint (epoch)", "PSNR / SNR dB, clean in", "corrupted in → clean target: MSE / SNR", "kNN acc"]
 
 
-def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """One Markdown table over the runs, the claims check, key figures and the exact commands."""
-    from aedist import visuals
+def _table(head: list[str], rows: Iterable[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows), ""]
 
+
+def _figure_path(run: Run, key: str) -> Path | None:
+    """``KEY`` -> the newest ``figures/KEY_epochNNN.png``; ``KEY@N`` -> the one of epoch N."""
+    name, _, at = key.partition("@")
+    found = {int(p.stem.rsplit("_epoch", 1)[1]): p for p in (run.path / "figures").glob(f"{name}_epoch*.png")
+             if p.stem.rsplit("_epoch", 1)[1].isdigit() and p.stem.rsplit("_epoch", 1)[0] == name}
+    if at:
+        return found.get(int(at)) if at.isdigit() else None
+    return found[max(found)] if found else None
+
+
+def _figures(run: Run, keys: list[str], fig_dir: Path) -> list[str]:
+    lines = [f"**{run.name}**", ""]
+    for key in keys:
+        src = _figure_path(run, key)
+        name, _, at = key.partition("@")
+        stem = (name.removeprefix("eval_") if name.startswith("eval_") else f"train_{name}") + (f"_epoch{at}" if at else "")
+        if src is None:
+            lines.append(f"- figure `{key}` not found in {run.path}/figures (evaluate the run: python launch/evaluate.py {run.path})")
+            continue
+        (fig_dir / f"{run.name}_{stem}.png").write_bytes(src.read_bytes())
+        lines.append(f"![{run.name} {key}](figures/{run.name}_{stem}.png)")
+    return [*lines, ""]
+
+
+def read_curves(members: Sequence[Run]) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
+    """Per-epoch train (epoch mean) / val / test loss of a run, or the mean over its repeats at the
+    epochs all of them logged; plus notes on fallbacks."""
+    out, notes = {}, []
+    for key in CURVE_KEYS:
+        series = [epoch_series(m.rows, key) for m in members]
+        notes += sorted({f"{members[0].name}: {n}" for _, n in series if n})
+        if series and all(pts for pts, _ in series):
+            common = set.intersection(*(set(dict(pts)) for pts, _ in series))
+            out[key] = [(e, float(np.mean([dict(pts)[e] for pts, _ in series]))) for e in sorted(common)]
+    return out, notes
+
+
+def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | Path | None = None) -> Path:
+    """The Markdown report over ``run_dirs`` (folders without config.yaml are skipped), checked against
+    the study file ``claims`` when given; figures are copied next to ``out`` in figures/."""
+    study = load_study(claims) if claims else Study()
+    runs = []
+    for d in map(Path, run_dirs):
+        if (d / "config.yaml").is_file():
+            runs.append(load_run(d))
+        else:
+            log.warning("%s has no config.yaml (not started?); left out", d)
+    if not runs:
+        raise UserError("no run folders given (each needs config.yaml); pass runs/NAME ...")
+    groups = group_runs(r for r in runs if r.summary)
+    unfinished = [r.name for r in runs if not r.summary]
+    exp_of = {run: exp for exp in study.experiments.values() for run in
+              [*exp.runs, *(s.run for c in exp.claims for s in (c.lhs, c.rhs) if s.run), *(r.run for r in exp.references)]}
+    order = [*dict.fromkeys([*(r for r in exp_of if r in groups), *groups])]
     out = Path(out)
     fig_dir = out.parent / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    runs = {}
-    for r in run_dirs:
-        r = Path(r)
-        if (r / "config.yaml").exists():
-            runs[r.name] = _load_run(r)
-    if not runs:
-        raise UserError("no run folders given (each needs config.yaml); pass runs/NAME ...")
-    lines = ["# Results", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_row(info)) + " |" for info in runs.values()]
-    lines += ["", "## Claims of the seeds, checked", "", *(_claims(runs) or ["- (no run pair to compare)"]), ""]
-    groups: dict[str, dict[str, dict]] = {}  # one comparison plot per W&B group (seed), e.g. 001's four variants
-    for name, info in runs.items():
-        if c := _curves(info["path"]):
-            groups.setdefault(info["config"]["log"].get("group") or "runs", {})[name] = c
-    plotted = [g for g, curves in sorted(groups.items()) if len(curves) > 1]
-    if plotted:
-        lines += ["## Loss curves", ""]
-    for group in plotted:
-        visuals.save_png(visuals.loss_curves(groups[group], f"{group}: train / val / test loss"), fig_dir / f"loss_curves_{group}.png")
-        lines += [f"![{group} loss curves](figures/loss_curves_{group}.png)", ""]
+
+    k, m = study.spread_factor, study.clear_margin
+    lines = [f"# {study.title}", "", study.intro.strip(), "", "## Runs", "",
+             "Numbers are mean ± std (n) where a run was repeated with other training seeds (NAME-s1, NAME-s2 …); "
+             "test MSE compares the output with the clean test image for a clean input; the corrupted-input column "
+             "feeds each of the run's `eval.corruptions` (e.g. noisy = Gaussian noise) and still compares with the "
+             "clean image. \"last\" is the newest checkpoint (eval.json), \"best\" the lowest validation loss "
+             "(eval_best.json); train time excludes evaluation.", ""]
+    lines += _table(COLUMNS, (_row(b, groups[b], exp_of.get(b)) for b in order))
+    if unfinished:
+        lines += [f"Unfinished (no summary.json), left out: {', '.join(unfinished)}.", ""]
+    refs = [(exp, r) for exp in study.experiments.values() for r in exp.references]
+    if refs:
+        lines += ["## The sources' own numbers beside ours", ""]
+        rows = []
+        for exp, r in refs:
+            members = groups.get(r.run, [])
+            st = group_stat(members, r.metric) if members else None
+            caveat = [] if not members else [data_of(exp, members[0])[1]] + [
+                f"{ep} of {exp.epochs} epochs" for ep in {m.summary.get('epoch') for m in members} if ep != exp.epochs]
+            rows.append([exp.title, r.run, f"{r.label} (`{r.metric}`)", f"{r.source:g}", _cell(st, ".4g"), "; ".join([r.note, *caveat]).strip("; ")])
+        lines += _table(["experiment", "run", "quantity", "source", "ours", "note"], rows)
+    if study.experiments:
+        lines += ["## Claims, checked", "",
+                  f"A claim *holds* or *does not hold* only where every run it uses trained for the source's number of "
+                  f"epochs, ran on the source's own data where the claim depends on the data, and the gap between its two "
+                  f"sides exceeds {k:g} x the larger std over repeated training seeds; where neither side is repeated, the gap "
+                  f"must exceed {m:.0%} of the larger side. Anything else is *not tested here*, with the reason.", ""]
+    for exp in study.experiments.values():
+        lines += [f"### {exp.title}", "", f"Source: {exp.source or '–'}; {exp.epochs} epochs on {exp.data}.", ""]
+        for claim in exp.claims:
+            status, evidence, why = check_claim(claim, exp, groups, study)
+            mark = {HOLDS: "**holds**", FAILS: "**does not hold**"}.get(status, "*not tested here*")
+            lines.append(f"- {mark}: {claim.text} ({evidence}; {why})")
+        lines.append("")
+
+    from aedist import visuals  # matplotlib and torch: only once there is something to draw
+
+    by_group: dict[str, list[str]] = {}
+    for b in order:
+        by_group.setdefault(str(groups[b][0].section("log").get("group") or "ungrouped"), []).append(b)
+    lines += ["## Loss curves", "", "Per epoch: train = epoch-mean training loss, val and test = loss after that epoch.", ""]
+    for group, bases in by_group.items():
+        curves, notes = {}, []
+        for b in bases:
+            c, n = read_curves(groups[b])
+            notes += n
+            if c:
+                curves[b if len(groups[b]) == 1 else f"{b} (mean of {len(groups[b])})"] = c
+        if curves:
+            name = "loss_curves_" + re.sub(r"[^\w.-]", "_", group) + ".png"
+            visuals.save_png(visuals.loss_curves(curves, f"{group}: loss per epoch"), fig_dir / name)
+            lines += [f"![{group} loss curves](figures/{name})", "", *(f"- {n}" for n in notes), ""]
     lines += ["## Figures", ""]
-    for name in runs:
-        figs = sorted((runs[name]["path"] / "figures").glob("*.png"))
-        latest: dict[str, Path] = {}
-        for f in figs:
-            latest[f.stem.rsplit("_epoch", 1)[0]] = f  # sorted, so the last epoch wins
-        keep = [k for k in ("eval_recon", "eval_recon_rotated", "eval_rotation_panel", "eval_latent", "eval_latent_tsne",
-                            "eval_interpolation", "eval_recon_noisy", "eval_recon_rot90", "eval_recon_jigsaw",
-                            "eval_prior_samples") if k in latest]
-        first = runs[name]["path"] / "figures" / "recon_epoch001.png"
-        if keep:
-            lines.append(f"**{name}**")
-            lines.append("")
-            if first.exists():  # seeds 002/003 compare reconstructions after the first and the last epoch
-                (fig_dir / f"{name}_recon_epoch1.png").write_bytes(first.read_bytes())
-                lines.append(f"![{name} reconstructions after epoch 1](figures/{name}_recon_epoch1.png)")
-            for k in keep:
-                dst = fig_dir / f"{name}_{k.removeprefix('eval_')}.png"
-                dst.write_bytes(latest[k].read_bytes())
-                lines.append(f"![{name} {k}](figures/{dst.name})")
-            lines.append("")
-    lines += ["## Exact commands", "", "```"] + [info["command"] for info in runs.values() if info["command"]] + ["```", ""]
+    for b in order:
+        exp = exp_of.get(b)
+        keys = exp.runs.get(b) if exp and b in exp.runs else sorted(
+            {p.stem.rsplit("_epoch", 1)[0] for p in (groups[b][0].path / "figures").glob("eval_*_epoch*.png")})
+        lines += _figures(groups[b][0], list(keys or []), fig_dir) if keys else []
+    commands = [r.command for b in order for r in groups[b] if r.command]
+    lines += ["## Exact commands", "", "```", *commands, "```", ""]
     out.write_text("\n".join(lines))
     return out
-
-
-def _curves(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per-epoch train/val/test loss from metrics.jsonl."""
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    curves: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": [], "test/loss": []}
-    last_train: dict[int, float] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row and isinstance(row["train/loss"], float):
-            last_train[row["epoch"]] = row["train/loss"]
-        for key in ("val/loss", "test/loss"):
-            if isinstance(row.get(key), float):
-                curves[key].append((row["epoch"], row[key]))
-    curves["train/loss"] = sorted(last_train.items())
-    return {k: v for k, v in curves.items() if v}

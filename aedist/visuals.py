@@ -270,6 +270,21 @@ def prior_samples(decoded: Tensor, nrow: int | None = None, title: str | None = 
     return _show_grid(image_grid(decoded, nrow=nrow or math.ceil(math.sqrt(n))), title, min_width=400)
 
 
+def class_samples(images: Tensor, labels: Tensor, class_names: Sequence[str], per_class: int = 3,
+                  title: str | None = "Samples per class") -> np.ndarray:
+    """One row per class present in ``labels``: its first ``per_class`` images ``[N, C, H, W]`` in [0, 1]
+    (white cells where a class has fewer), labelled with the class name: a look at the data itself."""
+    classes = torch.unique(labels).tolist()
+    blank = torch.ones_like(images[:1])
+    cells = []
+    for c in classes:
+        mine = images[labels == c][:per_class]
+        cells += [mine, *([blank] * (per_class - len(mine)))]
+    h = images.shape[-2]
+    names = [class_names[c] if c < len(class_names) else str(c) for c in classes]
+    return _show_grid(image_grid(torch.cat(cells), nrow=per_class), title, names, _cell_centres(len(classes), h), min_width=240)
+
+
 def latent_plane(grid: int = 8, extent: float = 3.0) -> Tensor:
     """``[G*G, 2]`` points on a G×G lattice over [-extent, extent]²; row-major, top row = largest z2.
 

@@ -1,11 +1,12 @@
-"""Write the results report over finished runs: one Markdown table, the seeds' claims checked, figures, commands.
+"""Write the results report over finished runs: a table, a study's claims checked, loss curves, figures, commands.
 
-    python launch/report.py runs/fashion_baseline runs/fashion_rotated ... --out docs/RESULTS.md
+    python launch/report.py runs/* --claims configs/seeds/claims.yaml --out docs/RESULTS.md
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 
 from aedist.errors import run_cli
@@ -13,13 +14,16 @@ from aedist.errors import run_cli
 
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run folders (runs/NAME)")
+    parser.add_argument("runs", nargs="+", help="run folders (runs/NAME); NAME-s1, NAME-s2 … count as repeats of NAME")
+    parser.add_argument("--claims", default=None, help="study file: claims, schedules, data, reference numbers, figures "
+                        "(e.g. configs/seeds/claims.yaml); without it, only the table, curves and figures")
     parser.add_argument("--out", default="docs/RESULTS.md", help="Markdown file to write; figures go beside it in figures/")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")  # skipped lines, left-out folders
 
     from aedist.report import write_report
 
-    print(f"wrote {write_report(args.runs, args.out)}")
+    print(f"wrote {write_report(args.runs, args.out, claims=args.claims)}")
     return 0
 
 

@@ -1,0 +1,209 @@
+"""The results report: verdict rules, mean ± std over repeats, aligned loss curves, robustness to
+damaged run files, and a study that lives in configs/ rather than in aedist/."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from aedist.errors import UserError
+from aedist.report import epoch_series, group_runs, load_run, read_curves, write_report
+from aedist.study import FAILS, HOLDS, UNTESTED, Stat, check_claim, decide, load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+MakeRun = Callable[..., Path]
+
+
+@pytest.fixture
+def make_run(tmp_path: Path) -> MakeRun:
+    """Write a finished run folder as the engine and evaluate.py leave it: ``make_run(name, epochs=3,
+    metrics={...}, best={...})``; metrics.jsonl has step rows (0-based epoch in progress) and epoch rows
+    (1-based) like the engine's."""
+
+    def make(name: str, epochs: int = 3, metrics: dict[str, float] | None = None, best: dict[str, float] | None = None,
+             shards: str = "shards/tiny", group: str = "g1", epoch_loss: bool = True) -> Path:
+        run = tmp_path / "runs" / name
+        (run / "figures").mkdir(parents=True)
+        cfg = {"run": {"name": name}, "data": {"shards": shards}, "train": {"epochs": epochs, "mixed_precision": "auto"},
+               "log": {"group": group}}
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        values = {"test/mse": 0.02, "test/psnr_db": 17.0, "test/snr_db": 8.0, **(metrics or {})}
+        (run / "summary.json").write_text(json.dumps({"completed": True, "epoch": epochs, "train_seconds": 120.0,
+                                                      "img_per_s": 1000.0, "mixed_precision": "bf16", **values}))
+        (run / "eval.json").write_text(json.dumps({**values, "epoch": epochs}))
+        if best is not None:
+            (run / "eval_best.json").write_text(json.dumps(best))
+        rows = []
+        for e in range(epochs):
+            rows += [{"step": 10 * e + s, "epoch": e, "train/loss": 0.1 / (e + 1) + s / 1000} for s in (3, 6)]
+            if epoch_loss:
+                rows.append({"step": 10 * e + 9, "epoch": e + 1, "train/epoch_loss": 0.1 / (e + 1)})
+            rows.append({"step": 10 * e + 9, "epoch": e + 1, "val/loss": 0.09 / (e + 1), "test/loss": 0.095 / (e + 1)})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "command.txt").write_text(f"python launch/train.py --config c.yaml run.name={name}\n")
+        for key in ("recon", "eval_recon", "eval_latent_tsne3d"):
+            for e in (1, epochs):
+                Image.new("RGB", (8, 8), (e * 20, 0, 0)).save(run / "figures" / f"{key}_epoch{e:03d}.png")
+        return run
+
+    return make
+
+
+def _study(tmp_path: Path, claims: list[dict[str, Any]], epochs: int = 3, **extra: Any) -> Path:
+    exp = {"title": "Exp A", "epochs": epochs, "data": "Tiny", "shards": ["tiny"], "standins": {"toy": "Toy"},
+           "runs": {"a": ["eval_recon", "recon@1", "eval_latent_tsne3d"]}, "claims": claims, **extra}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"title": "T", "experiments": {"A": exp}}))
+    return path
+
+
+A_LT_B = {"text": "a beats b", "lhs": {"run": "a", "metric": "test/mse"}, "op": "<", "rhs": {"run": "b", "metric": "test/mse"}}
+
+
+def _verdict(study_path: Path, runs: list[Path]) -> tuple[str, str, str]:
+    study = load_study(study_path)
+    exp = study.experiments["A"]
+    return check_claim(exp.claims[0], exp, group_runs(load_run(r) for r in runs), study)
+
+
+def test_decide_needs_a_gap_beyond_twice_the_larger_std() -> None:
+    a, b = Stat.of([0.010, 0.011, 0.012]), Stat.of([0.020, 0.021, 0.022])  # std 0.001 each, gap 0.010
+    assert decide("<", 1.0, a, b, 2.0, 0.5)[0] == HOLDS
+    assert decide(">", 1.0, a, b, 2.0, 0.5)[0] == FAILS
+    noisy = Stat.of([0.005, 0.015, 0.030])  # mean 0.0167, std 0.0126: the gap to b is within 2 std
+    status, rule = decide("<", 1.0, noisy, b, 2.0, 0.5)
+    assert status == UNTESTED and "std" in rule
+    # No repeats: only a clear gap (> 50 % of the larger side) is decisive.
+    assert decide("<", 1.0, Stat.of([0.01]), Stat.of([0.03]), 2.0, 0.5)[0] == HOLDS
+    assert decide("<", 1.0, Stat.of([0.019]), Stat.of([0.02]), 2.0, 0.5)[0] == UNTESTED
+    assert decide("<", 0.5, Stat.of([0.019]), Stat.of([0.02]), 2.0, 0.3)[0] == FAILS  # factor scales the rhs
+
+
+def test_claim_holds_and_does_not_hold_over_repeats(make_run: MakeRun, tmp_path: Path) -> None:
+    runs = [make_run(n, metrics={"test/mse": v}) for n, v in
+            [("a", 0.010), ("a-s1", 0.011), ("a-s2", 0.012), ("b", 0.020), ("b-s1", 0.021), ("b-s2", 0.022)]]
+    status, evidence, _ = _verdict(_study(tmp_path, [A_LT_B]), runs)
+    assert status == HOLDS and "0.011 ± 0.001 (3)" in evidence
+    status, _, _ = _verdict(_study(tmp_path, [{**A_LT_B, "op": ">"}]), runs)
+    assert status == FAILS
+
+
+def test_claim_not_tested_for_short_schedule_spread_standin_or_missing_run(make_run: MakeRun, tmp_path: Path) -> None:
+    runs = [make_run(n, metrics={"test/mse": v}) for n, v in [("a", 0.010), ("b", 0.030)]]
+    assert _verdict(_study(tmp_path, [A_LT_B], epochs=3), runs)[0] == HOLDS
+    status, _, why = _verdict(_study(tmp_path, [A_LT_B], epochs=20), runs)
+    assert status == UNTESTED and "a trained 3 of the source's 20 epochs" in why
+    toy = [make_run(n, metrics={"test/mse": v}, shards="shards/toy") for n, v in [("ta", 0.010), ("tb", 0.030)]]
+    claim = {**A_LT_B, "lhs": {"run": "ta", "metric": "test/mse"}, "rhs": {"run": "tb", "metric": "test/mse"}}
+    assert _verdict(_study(tmp_path, [claim]), toy)[0] == HOLDS  # stand-in data, but the claim does not depend on it
+    status, _, why = _verdict(_study(tmp_path, [{**claim, "data_dependent": True}]), toy)
+    assert status == UNTESTED and "stand-in: Toy instead of Tiny" in why
+    status, _, why = _verdict(_study(tmp_path, [{**A_LT_B, "rhs": {"run": "zz", "metric": "test/mse"}}]), runs)
+    assert status == UNTESTED and "run zz missing" in why
+    spread = [make_run(n, metrics={"test/mse": v}) for n, v in [("c", 0.01), ("c-s1", 0.03), ("d", 0.025), ("d-s1", 0.026)]]
+    claim = {**A_LT_B, "lhs": {"run": "c", "metric": "test/mse"}, "rhs": {"run": "d", "metric": "test/mse"}}
+    status, _, why = _verdict(_study(tmp_path, [claim]), spread)
+    assert status == UNTESTED and "within 2 x the run-to-run std" in why
+
+
+def test_mean_and_std_over_repeats_match_numpy_in_the_table(make_run: MakeRun, tmp_path: Path) -> None:
+    values = [0.0123, 0.0150, 0.0101]
+    runs = [make_run(n, metrics={"test/mse": v}) for n, v in zip(["a", "a-s1", "a-s2"], values)]
+    groups = group_runs(load_run(r) for r in runs)
+    assert list(groups) == ["a"] and [r.name for r in groups["a"]] == ["a", "a-s1", "a-s2"]
+    st = Stat.of([r.value("test/mse") for r in groups["a"]])
+    assert st.mean == pytest.approx(np.mean(values)) and st.std == pytest.approx(np.std(values, ddof=1)) and st.n == 3
+    text = write_report(runs, tmp_path / "out" / "R.md").read_text()
+    assert "| a ×3 | tiny | 3 | bf16 | 2.0 ± 0.0 (3) min | 1,000 ± 0 (3) |" in text
+    assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} (3)" in text
+
+
+def test_loss_curves_put_train_and_val_at_the_same_1_based_epochs(make_run: MakeRun) -> None:
+    run = load_run(make_run("a", epochs=4))
+    curves, notes = read_curves([run])
+    assert [e for e, _ in curves["train/epoch_loss"]] == [e for e, _ in curves["val/loss"]] == [1, 2, 3, 4]
+    assert curves["train/epoch_loss"][0][1] == pytest.approx(0.1) and not notes
+    old = load_run(make_run("old", epochs=4, epoch_loss=False))  # predates train/epoch_loss: last step value, +1 epoch
+    curves, notes = read_curves([old])
+    assert curves["train/epoch_loss"] == [(e + 1, pytest.approx(0.1 / (e + 1) + 0.006)) for e in range(4)]
+    assert [e for e, _ in curves["val/loss"]] == [1, 2, 3, 4] and "last logged step" in notes[0]
+    assert epoch_series(run.rows, "val/loss")[0] == epoch_series(old.rows, "val/loss")[0]
+
+
+def test_truncated_last_metrics_line_is_skipped_with_a_warning(make_run: MakeRun, caplog: pytest.LogCaptureFixture) -> None:
+    run = make_run("crashed")
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 40, "epoch": 4, "val/lo')  # what a kill mid-write leaves
+    with caplog.at_level(logging.WARNING):
+        loaded = load_run(run)
+    assert "metrics.jsonl line" in caplog.text and "skipped" in caplog.text
+    assert [e for e, _ in epoch_series(loaded.rows, "val/loss")[0]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("name,garbage", [("summary.json", '{"epoch": 3, "test/m'), ("eval.json", "\x00\x01"),
+                                          ("config.yaml", "data: [shards\n  : {")])
+def test_garbled_run_file_is_a_one_line_user_error_naming_it(make_run: MakeRun, name: str, garbage: str) -> None:
+    run = make_run("bad")
+    (run / name).write_text(garbage)
+    with pytest.raises(UserError) as err:
+        load_run(run)
+    assert name in str(err.value) and "\n" not in str(err.value).strip()
+
+
+def test_report_cli_exits_2_in_one_line_on_a_garbled_summary(make_run: MakeRun, tmp_path: Path, run_py: Callable) -> None:
+    run = make_run("bad")
+    (run / "summary.json").write_text("{not json")
+    proc = run_py(["launch/report.py", str(run), "--claims", "configs/seeds/claims.yaml", "--out", str(tmp_path / "R.md")])
+    assert proc.returncode == 2 and "summary.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_report_with_a_study_shows_verdicts_references_best_curves_and_figures(make_run: MakeRun, tmp_path: Path) -> None:
+    a = make_run("a", metrics={"test/mse": 0.010, "test_noisy/mse": 0.011, "test_noisy/snr_db": 9.5}, best={"test/mse": 0.009, "epoch": 2})
+    b = make_run("b", metrics={"test/mse": 0.030}, group="g2")
+    refs = [{"run": "a", "metric": "first:train/epoch_loss", "label": "initial loss", "source": 0.108}]
+    out = write_report([a, b, tmp_path / "never_started"], tmp_path / "docs" / "R.md",
+                       claims=_study(tmp_path, [A_LT_B], references=refs)).read_text()
+    assert "- **holds**: a beats b" in out and "no repeats; gap 67%" in out
+    assert "| Exp A | a | initial loss (`first:train/epoch_loss`) | 0.108 | 0.1 |" in out
+    assert "0.0090 (ep 2)" in out and "noisy: 0.0110 / 9.50 dB" in out  # best checkpoint; corrupted-input column
+    figs = tmp_path / "docs" / "figures"
+    assert (figs / "loss_curves_g1.png").exists() and (figs / "loss_curves_g2.png").exists()  # single-run groups too
+    assert (figs / "a_latent_tsne3d.png").exists() and (figs / "a_train_recon_epoch1.png").exists()
+    assert (figs / "a_recon.png").read_bytes() == (a / "figures" / "eval_recon_epoch003.png").read_bytes()  # newest epoch
+    assert "python launch/train.py" in out
+
+
+def test_seed_study_file_loads_and_names_real_runs(tmp_path: Path) -> None:
+    study = load_study(ROOT / "configs/seeds/claims.yaml")
+    names = {yaml.safe_load(p.read_text())["run"]["name"] for p in (ROOT / "configs/seeds").glob("*.yaml") if p.name != "claims.yaml"}
+    used = {s.run for e in study.experiments.values() for c in e.claims for s in (c.lhs, c.rhs) if s.run}
+    used |= {r for e in study.experiments.values() for r in e.runs} | {r.run for e in study.experiments.values() for r in e.references}
+    assert used and used <= names, used - names
+    assert {"eval_latent_tsne3d", "eval_samples"} <= {k for e in study.experiments.values() for ks in e.runs.values() for k in ks}
+    with pytest.raises(UserError, match=r"claims\.0\.op"):  # a typo in the study file names the entry
+        load_study(_study(tmp_path, [{**A_LT_B, "op": "<<"}]))
+
+
+def test_report_module_names_no_experiment() -> None:
+    """Everything study-specific lives in configs/: no run or group name of the seed configs in the code."""
+    names = set()
+    for p in (ROOT / "configs/seeds").glob("*.yaml"):
+        cfg = yaml.safe_load(p.read_text())
+        if "run" in cfg:
+            names |= {cfg["run"]["name"], cfg.get("log", {}).get("group") or cfg["run"]["name"]}
+    assert len(names) > 10
+    for module in ("aedist/report.py", "aedist/study.py"):
+        source = (ROOT / module).read_text()
+        found = sorted(n for n in names if re.search(rf"\b{re.escape(n)}\b", source))
+        assert not found, f"{module} names experiments {found}"
+        assert not re.search(r"seed ?00\d", source, re.IGNORECASE), module
