@@ -41,6 +41,7 @@ from aedist.checkpoint import (
 from aedist.config import Config, save_config
 from aedist.data import BatchStream, DataPosition, load_batches, num_batches, read_manifest
 from aedist.data.corruption import make_generator
+from aedist.data.remote import set_cache_defaults
 from aedist.errors import UserError
 from aedist.evaluation import draw_figures, evaluate_split, knn_metric, load_probe
 from aedist.losses import compute_loss
@@ -88,6 +89,7 @@ class Trainer:
         )
         self.world, self.rank = acc.num_processes, acc.process_index
         self.lock = RunLock(cfg.run_dir) if acc.is_main_process else None
+        set_cache_defaults(cfg.data.cache_dir, cfg.data.cache_max_gb)  # where URL shards land, for every read below
         self.manifest = read_manifest(cfg.data.shards)
         self._check_inputs()
         self.has_val = "val" in self.manifest.splits

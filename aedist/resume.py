@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from aedist.config import read_yaml
 from aedist.errors import UserError
 
 FIXED = ("model.", "data.shards", "data.limit", "data.normalize", "data.shuffle_buffer", "corruption", "loss.",
@@ -83,15 +82,7 @@ def apply_changes(changes: dict[str, tuple[Any, Any]], optimizer: Any, schedule:
 def previous_config(run_dir: Path) -> dict[str, Any] | None:
     """The config.yaml the run last used (None for a new run); a garbled one is a one-line error."""
     path = run_dir / "config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid YAML ({str(err).splitlines()[0]}); restore it or delete it to use the current config") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a config mapping; restore it or delete it to use the current config")
-    return data
+    return read_yaml(path, "the run's last config") if path.is_file() else None
 
 
 def record_resume(run_dir: Path, entry: dict[str, Any]) -> None:

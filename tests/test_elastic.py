@@ -272,4 +272,5 @@ def test_launch_2_to_1_final_loss_within_5_percent(tmp_path: Path, tiny_shards: 
     assert second.returncode == 0, second.stderr[-2000:]
     v_ref = json.loads((tmp_path / "runs/ref/summary.json").read_text())["val/loss"]
     v_moved = json.loads((tmp_path / "runs/moved/summary.json").read_text())["val/loss"]
+    print(f"final val loss: uninterrupted 2 processes {v_ref:.5f}, resumed 2 -> 1 {v_moved:.5f} ({(v_moved - v_ref) / v_ref:+.2%})")
     assert abs(v_moved - v_ref) / v_ref <= 0.05, (v_ref, v_moved)

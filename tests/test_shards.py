@@ -127,6 +127,36 @@ def test_missing_folder_names_pack_command(tmp_path):
         load_batches(tmp_path / "nowhere")
 
 
+def test_missing_manifest_says_so_not_no_images_found(tmp_path):
+    """Issue 12 item 14: a shards folder without manifest.json names the missing manifest and the fix."""
+    def error(d) -> str:
+        with pytest.raises(UserError) as err:
+            read_manifest(d)
+        assert "no images found" not in str(err.value)
+        return str(err.value)
+
+    write_shards(tmp_path / "blocks", {"train": make(40)}, ["a"], samples_per_block=8, blocks_per_shard=2)
+    (tmp_path / "blocks" / "manifest.json").unlink()  # block shards whose manifest was deleted
+    msg = error(tmp_path / "blocks")
+    assert "has no manifest.json" in msg and "train-000000.tar" in msg and "--force" in msg, msg
+    with pytest.raises(UserError, match="has no manifest.json"):  # the loader (and so training) says the same
+        load_batches(tmp_path / "blocks")
+    (tmp_path / "blocks" / ".pack").mkdir()  # a streamed folder pack that was killed before its manifest
+    (tmp_path / "blocks" / ".pack" / "plan.json").write_text("{}")
+    msg = error(tmp_path / "blocks")
+    assert "has no manifest.json" in msg and "did not finish" in msg and "same launch/pack.py command again" in msg, msg
+    (tmp_path / "empty").mkdir()
+    msg = error(tmp_path / "empty")
+    assert "has no manifest.json" in msg and "no .tar shards" in msg and "launch/pack.py" in msg, msg
+    (tmp_path / "other").mkdir()
+    with tarfile.open(tmp_path / "other" / "x.tar", "w") as tar:  # some other tool's tar without images
+        info = tarfile.TarInfo("a.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    msg = error(tmp_path / "other")
+    assert "has no manifest.json" in msg and "no per-sample images" in msg, msg
+
+
 def test_reads_standard_per_sample_png_shards(tmp_path):
     from PIL import Image
 

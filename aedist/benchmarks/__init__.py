@@ -13,7 +13,7 @@ from typing import TypedDict
 
 from aedist.sysinfo import peak_rss_mb, vm_hwm_mb  # noqa: F401  (re-exported for the suites)
 
-SUITES = ("data", "corruption", "train")
+SUITES = ("data", "corruption", "train", "pack")
 
 
 class Row(TypedDict):

@@ -2,12 +2,18 @@
 
     m = write_shards("shards/fashion4", {"train": (x, y), "test": (xt, yt)}, classes)
     m = read_manifest("shards/fashion4")          # also accepts per-sample png/jpg+cls shards
+    m = read_manifest("https://host/shards/fashion4", cache_dir="~/.cache/aedist/shards")  # see remote.py
+    with BlockShardWriter(out / "train-000000.tar") as w:   # streaming: one block at a time
+        w.add_block("train000000b0000", images, labels)
 
 Layout of ``OUT/{split}-000000.tar``: WebDataset shards whose every member key is a BLOCK of samples,
 ``KEY.images.npy`` uint8 [n, C, H, W] and ``KEY.labels.npy`` int64 [n]. Samples are shuffled globally
 at pack time (seeded). ``manifest.json`` records shape, classes, per-shard block sizes, byte sizes and
 sha256, and a ``source`` description (with a content hash) that tells a re-pack of the same data (a
 no-op) from a different dataset (an error unless ``force``).
+
+A manifest read from a URL has ``root`` = its local cache folder and ``url`` set; :func:`fetch_shard`
+brings a shard into that folder (downloaded and sha256-checked on first use) and returns its path.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from aedist.data import remote
+from aedist.data.remote import file_sha256
 from aedist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -68,10 +76,14 @@ class Manifest:
     """``blocks`` (ours) or ``samples`` (standard per-sample shards from other tools)."""
     version: int = FORMAT_VERSION
     root: Path = Path(".")
+    """Folder holding the shards: the shards folder itself, or the local cache of a URL."""
+    url: str = ""
+    """The http(s)://… (or other fsspec) URL the manifest was read from; empty for a local folder."""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("root")
+        d.pop("url")
         return {"format": FORMAT, **d, "shape": list(self.shape)}
 
     @classmethod
@@ -103,26 +115,78 @@ def content_hash(splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: 
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
-        buf = bytearray(8 << 20)
-        view = memoryview(buf)
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def _npy_bytes(a: np.ndarray) -> bytes:
+def _npy_header(a: np.ndarray) -> bytes:
+    """The .npy header np.save writes for ``a`` (format 1.0): the data follows it unchanged."""
     bio = io.BytesIO()
-    np.save(bio, a, allow_pickle=False)
+    np.lib.format.write_array_header_1_0(bio, np.lib.format.header_data_from_array_1_0(a))
     return bio.getvalue()
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o444, 0  # mtime 0: same data -> same bytes -> same sha
-    tar.addfile(info, io.BytesIO(data))
+class BlockShardWriter:
+    """Write one block shard member by member, hashing as it goes; renamed into place on :meth:`close`.
+
+    The bytes are those of ``tarfile`` in USTAR format with mtime 0 and mode 0444 (same data -> same
+    bytes -> same sha256), but no block is ever copied: the tar and .npy headers are written, then the
+    array's own buffer. A writer that is not closed (an exception, a kill) leaves only ``.NAME.tmp-PID``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.fh = open(self.tmp, "wb")
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.blocks: list[int] = []
+
+    def _write(self, data: bytes | memoryview) -> None:
+        self.fh.write(data)
+        self.hash.update(data)
+        self.size += len(data)
+
+    def add(self, name: str, *parts: bytes | memoryview) -> None:
+        """One tar member ``name`` whose content is the concatenation of ``parts``."""
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = sum(len(p) for p in parts), 0o444, 0
+        self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+        for p in parts:
+            self._write(p)
+        self._write(bytes(-info.size % tarfile.BLOCKSIZE))
+
+    def add_block(self, key: str, images: np.ndarray, labels: np.ndarray) -> None:
+        """``KEY.images.npy`` (uint8 [n,C,H,W]) and ``KEY.labels.npy`` (int64 [n]); no dots in ``key``."""
+        images, labels = np.ascontiguousarray(images), np.ascontiguousarray(labels, dtype=np.int64)
+        self.add(f"{key}.images.npy", _npy_header(images), memoryview(images).cast("B"))
+        self.add(f"{key}.labels.npy", _npy_header(labels), memoryview(labels).cast("B"))
+        self.blocks.append(len(labels))
+
+    def close(self) -> ShardInfo:
+        """End the archive as tarfile does (two zero blocks, padded to a record), rename it into place."""
+        self._write(bytes(2 * tarfile.BLOCKSIZE))
+        self._write(bytes(-self.size % tarfile.RECORDSIZE))
+        self.fh.close()
+        os.replace(self.tmp, self.path)
+        return ShardInfo(self.path.name, sum(self.blocks), list(self.blocks), self.size, self.hash.hexdigest())
+
+    def abort(self) -> None:
+        self.fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> BlockShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.info = self.close()
+        else:
+            self.abort()
+
+
+def write_manifest(out_dir: str | Path, m: Manifest) -> None:
+    """Write ``manifest.json`` atomically (tmp + rename): a folder never holds half a manifest."""
+    out = Path(out_dir)
+    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(m.to_json(), indent=1))
+    os.replace(tmp, out / MANIFEST)
 
 
 def write_shards(
@@ -168,7 +232,7 @@ def write_shards(
     elif out.is_dir() and any(out.glob("*.tar")) and not force:
         raise UserError(f"{out} holds .tar files but no {MANIFEST}; pass --force to overwrite them, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("*.tar")) + [out / MANIFEST]:
+    for stale in [out / MANIFEST, *out.glob("*.tar")]:
         stale.unlink(missing_ok=True)  # manifest goes first: a half-written folder never looks complete
 
     bar = None
@@ -183,27 +247,18 @@ def write_shards(
         order = rng.permutation(len(x))  # global shuffle at pack time
         shards = []
         for s, lo in enumerate(range(0, len(x), per_shard)):
-            fname = f"{name}-{s:06d}.tar"
-            tmp = out / f".{fname}.tmp"
-            sizes = []
-            with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            with BlockShardWriter(out / f"{name}-{s:06d}.tar") as w:
                 for b, blo in enumerate(range(lo, min(lo + per_shard, len(x)), samples_per_block)):
                     idx = order[blo : blo + samples_per_block]
-                    key = f"{name}{s:06d}b{b:04d}"  # no dots: webdataset splits key/ext at the first one
-                    _add(tar, f"{key}.images.npy", _npy_bytes(np.ascontiguousarray(x[idx])))
-                    _add(tar, f"{key}.labels.npy", _npy_bytes(np.asarray(y[idx], dtype=np.int64)))
-                    sizes.append(len(idx))
+                    w.add_block(f"{name}{s:06d}b{b:04d}", x[idx], y[idx])  # no dots in keys: webdataset splits at the first
                     if bar is not None:
                         bar.update(len(idx))
-            os.replace(tmp, out / fname)
-            shards.append(ShardInfo(fname, sum(sizes), sizes, (out / fname).stat().st_size, file_sha256(out / fname)))
+            shards.append(w.info)
         infos[name] = SplitInfo(len(x), shards)
     if bar is not None:
         bar.close()
     m = Manifest(shapes.pop(), list(class_names), infos, src, root=out, **settings)
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(m.to_json(), indent=1))
-    os.replace(tmp, out / MANIFEST)
+    write_manifest(out, m)
     return m
 
 
@@ -214,8 +269,20 @@ _VERIFIED: dict[tuple[str, int, int], bool] = {}
 _INDEX: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
 
 
-def read_manifest(shards_dir: str | Path) -> Manifest:
-    """The folder's manifest; for standard per-sample shards without one, an index built by scanning."""
+def read_manifest(shards_dir: str | Path, *, cache_dir: str | Path | None = None, cache_max_gb: float | None = None) -> Manifest:
+    """The folder's manifest; for standard per-sample shards without one, an index built by scanning.
+
+    ``shards_dir`` may be a URL (``https://…``, or any scheme fsspec reads): the manifest is fetched
+    once per process and ``root`` is the local cache folder (``cache_dir``, default
+    :func:`remote.resolve_cache`) that :func:`fetch_shard` fills. Later calls for the same URL that
+    name no cache (``load_batches`` makes those) use the cache the last call that named one chose.
+    """
+    if remote.is_url(shards_dir):
+        url = str(shards_dir).rstrip("/")
+        if cache_dir is None and cache_max_gb is None and url in _URL_CACHE:
+            return _read_remote(url, *_URL_CACHE[url])  # later calls without a cache (load_batches) use the first one's
+        _URL_CACHE[url] = remote.resolve_cache(cache_dir, cache_max_gb)
+        return _read_remote(url, *_URL_CACHE[url])
     root = Path(shards_dir)
     path = root / MANIFEST
     if path.is_file():
@@ -227,9 +294,67 @@ def read_manifest(shards_dir: str | Path) -> Manifest:
                 raise UserError(f"{path} is unreadable ({err}); re-make it with {pack_command(root)} --force") from None
         return _MANIFESTS[key]
     if root.is_dir() and any(root.glob("*.tar")):
+        if _block_shards(root):  # ours, without the manifest that indexes them: scanning cannot help
+            raise UserError(_no_manifest(root))
         return _scan_foreign(root)
-    what = "not found" if not root.is_dir() else f"has no {MANIFEST}"
-    raise UserError(f"shards folder '{root}' {what}; make it with {pack_command(root)}")
+    if root.is_dir():
+        raise UserError(_no_manifest(root))
+    raise UserError(f"shards folder '{root}' not found; make it with {pack_command(root)}")
+
+
+def _block_shards(root: Path) -> bool:
+    """True if the first .tar of ``root`` holds aedist blocks (``KEY.images.npy``) rather than per-sample images."""
+    try:
+        with tarfile.open(min(root.glob("*.tar"))) as tar:
+            first = tar.next()
+    except (tarfile.TarError, OSError):
+        return False
+    return first is not None and first.name.endswith(".images.npy")
+
+
+def _no_manifest(root: Path) -> str:
+    """Why ``root`` has no manifest, and the fix: an unfinished pack, a deleted manifest, or an empty folder."""
+    tars = sorted(p.name for p in root.glob("*.tar"))
+    if (root / ".pack" / "plan.json").is_file():  # aedist.data.pack's state: a folder pack that did not finish
+        return (f"shards folder '{root}' has no {MANIFEST}: its pack did not finish ({len(tars)} shards written so far); "
+                "run the same launch/pack.py command again to finish it (finished shards are kept)")
+    if tars:
+        return (f"shards folder '{root}' has no {MANIFEST} (it holds {len(tars)} block shards such as {tars[0]}, "
+                f"but the manifest that indexes them is gone); re-make it with {pack_command(root)} --force")
+    return f"shards folder '{root}' has no {MANIFEST} (and no .tar shards); make it with {pack_command(root)}"
+
+
+_CACHE_BOUND: dict[str, float] = {}
+_URL_CACHE: dict[str, tuple[Path, float]] = {}
+
+
+def _read_remote(url: str, cache_dir: Path, max_gb: float) -> Manifest:
+    folder = remote.cache_folder(url, cache_dir)
+    key = (f"{url} -> {folder}", 0.0)  # fetched once per process and cache folder
+    if key not in _MANIFESTS:
+        text = remote.fetch_manifest(url, folder)
+        try:
+            m = Manifest.from_json(json.loads(text), folder)
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{remote.join(url, MANIFEST)} is not an aedist manifest ({err})") from None
+        if m.layout != "blocks":
+            raise UserError(f"{url}: only block shards made by launch/pack.py can be read from a URL")
+        m.url = url
+        _MANIFESTS[key] = m
+    _CACHE_BOUND[url] = max_gb
+    return _MANIFESTS[key]
+
+
+def fetch_shard(m: Manifest, shard: ShardInfo) -> Path:
+    """Local path of ``shard``: in the folder itself, or (URL manifests) in the cache, downloaded and
+    sha256-checked on first use; a second epoch or another process on the node reads it from disk."""
+    path = m.root / shard.name
+    if not m.url:
+        return path
+    path = remote.fetch(m.url, m.root, shard.name, shard.bytes, shard.sha256, _CACHE_BOUND.get(m.url, remote.DEFAULT_CACHE_MAX_GB))
+    st = path.stat()
+    _VERIFIED[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = True  # fetch checked its sha256: verify_shard need not
+    return path
 
 
 def _scan_foreign(root: Path) -> Manifest:
@@ -258,7 +383,8 @@ def _scan_foreign(root: Path) -> Manifest:
         info.shards.append(ShardInfo(tar_path.name, n, [n], tar_path.stat().st_size))
         info.num_samples += n
     if shape is None:
-        raise UserError(f"no images found in the .tar files of {root}; make block shards with {pack_command(root)}")
+        raise UserError(f"shards folder '{root}' has no {MANIFEST}, and its .tar files hold no per-sample images "
+                        f"({'/'.join(IMAGE_EXTS)}) to index instead; make block shards with {pack_command(root)}")
     return Manifest(shape, [], splits, {"foreign": str(root)}, layout="samples", root=root)
 
 

@@ -3,12 +3,14 @@
     raw = read_idx_dataset("fashion-mnist")             # /usr/share/datasets/fashion-mnist, else download
     raw = read_stl10("data/stl10_binary", unlabeled=True)
     raw = read_folder("photos/", size=96)               # photos/CLASS/*.png or photos/{train,test}/CLASS/*
+    listing = list_folder("photos/")                    # the same files, not decoded (the streaming packer's input)
     raw = colorize(read_idx_dataset("mnist"), seed=0)   # Colored MNIST, 3 channels
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ MNIST_CLASSES = [str(i) for i in range(10)]
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 SYSTEM_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FOLDER_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 # Colored MNIST: one base colour per class (RGB in [0, 1]), jittered per image.
 PALETTE = np.array([
@@ -136,37 +139,88 @@ def read_stl10(source: str | Path, *, unlabeled: bool = False) -> RawDataset:
     return RawDataset(splits, classes, {"dataset": "stl10", "path": str(folder.resolve()), "unlabeled": unlabeled})
 
 
-def read_folder(source: str | Path, size: int = 96, *, channels: int = 3) -> RawDataset:
-    """An ImageFolder tree of PNG/JPEG: ``ROOT/CLASS/*`` (all train) or ``ROOT/{train,val,test}/CLASS/*``.
+@dataclass
+class FolderListing:
+    """The image files of an ImageFolder tree in sorted order, with a hash of their names, sizes and mtimes."""
 
-    Each image is resized so its shorter side is ``size``, then centre-cropped to size x size.
+    root: Path
+    classes: list[str]
+    splits: dict[str, list[tuple[str, int]]]
+    """``{split: [(path relative to root, class index), …]}``, classes in sorted order, files sorted by name."""
+    sha256: str
+    """Changes when a file is added, removed, renamed, resized or touched: tells one folder state from another."""
+
+
+def list_folder(source: str | Path) -> FolderListing:
+    """List ``ROOT/CLASS/*`` (all train) or ``ROOT/{train,val,test}/CLASS/*`` images, sorted; no decoding.
+
+    Files with an image suffix (FOLDER_EXTS, any case) count; hidden files (``.*``, e.g. macOS ``._x.jpg``) do not.
     """
-    from PIL import Image
-
     root = Path(source)
     if not root.is_dir():
         raise UserError(f"image folder {root} not found; pass --source DIR with one sub-folder per class")
     split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()} or {"train": root}
-    classes = sorted({d.name for sd in split_dirs.values() for d in sd.iterdir() if d.is_dir()})
+    classes = sorted({d.name for sd in split_dirs.values() for d in sd.iterdir() if d.is_dir() and not d.name.startswith(".")})
     if not classes:
         raise UserError(f"{root} has no class sub-folders (expected ROOT/CLASS/image.png)")
-    mode = {1: "L", 3: "RGB"}[channels]
-    splits: dict[str, Split] = {}
+    h = hashlib.sha256()
+    splits: dict[str, list[tuple[str, int]]] = {}
     for split, sd in split_dirs.items():
-        files = [(f, ci) for ci, c in enumerate(classes) if (sd / c).is_dir()
-                 for f in sorted((sd / c).iterdir()) if f.suffix.lower() in (".png", ".jpg", ".jpeg")]
+        files = []
+        for ci, c in enumerate(classes):
+            if not (sd / c).is_dir():
+                continue
+            entries = sorted((e for e in os.scandir(sd / c) if not e.name.startswith(".")
+                              and os.path.splitext(e.name)[1].lower() in FOLDER_EXTS and e.is_file()), key=lambda e: e.name)
+            prefix = os.path.relpath(sd / c, root)
+            for e in entries:
+                st = e.stat()
+                rel = os.path.join(prefix, e.name)
+                h.update(f"{split}\0{rel}\0{ci}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+                files.append((rel, ci))
+        splits[split] = files
+    return FolderListing(root, classes, splits, h.hexdigest())
+
+
+def load_image(path: str | Path, size: int, channels: int = 3) -> np.ndarray:
+    """Decode one image to uint8 [channels, size, size]: the centred square of its shorter side, resized.
+
+    JPEGs are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, as ``Image.thumbnail`` does) when
+    that still leaves at least ``size`` pixels per side: several times faster for photos much larger than
+    ``size``. Raises whatever PIL raises for an unreadable file (UnidentifiedImageError, OSError for a
+    truncated one, DecompressionBombError …); callers decide whether to skip or stop.
+    """
+    from PIL import Image
+
+    mode = {1: "L", 3: "RGB"}[channels]
+    with Image.open(path) as img:
+        img.draft(mode, (size, size))
+        img = img.convert(mode)  # loads the pixels: a truncated file fails here
+    w, h = img.size
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    arr = np.asarray(img.resize((size, size), Image.BILINEAR, box=box))
+    return arr[None] if arr.ndim == 2 else rearrange(arr, "h w c -> c h w")
+
+
+def read_folder(source: str | Path, size: int = 96, *, channels: int = 3) -> RawDataset:
+    """An ImageFolder tree (see :func:`list_folder`) decoded into memory with :func:`load_image`.
+
+    For small folders and notebooks; ``launch/pack.py folder`` streams through aedist.data.pack instead.
+    An unreadable image raises UserError naming it.
+    """
+    listing = list_folder(source)
+    splits: dict[str, Split] = {}
+    for split, files in listing.splits.items():
         images = np.empty((len(files), channels, size, size), dtype=np.uint8)
-        for i, (f, _) in enumerate(files):
-            with Image.open(f) as img:
-                img = img.convert(mode)
-                scale = size / min(img.size)
-                w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-                img = img.resize((w, h), Image.BILINEAR)
-                left, top = (w - size) // 2, (h - size) // 2
-                arr = np.asarray(img.crop((left, top, left + size, top + size)))
-            images[i] = arr[None] if arr.ndim == 2 else rearrange(arr, "h w c -> c h w")
+        for i, (rel, _) in enumerate(files):
+            try:
+                images[i] = load_image(listing.root / rel, size, channels)
+            except Exception as err:  # PIL raises many types for bad files
+                raise UserError(f"unreadable image {listing.root / rel} ({type(err).__name__}: {err})") from None
         splits[split] = (images, np.array([ci for _, ci in files], dtype=np.int64))
-    return RawDataset(splits, classes, {"dataset": "folder", "path": str(root.resolve()), "size": size, "channels": channels})
+    src = {"dataset": "folder", "path": str(listing.root.resolve()), "size": size, "channels": channels}
+    return RawDataset(splits, listing.classes, src)
 
 
 def colorize(raw: RawDataset, seed: int = 0, jitter: float = 0.15) -> RawDataset:

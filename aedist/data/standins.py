@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-
 # Each split's strip of the photo's width, as fractions: disjoint, and each wider than the 96 px crops.
 STRIPS = {"train": (0.0, 0.5), "val": (0.5, 0.75), "test": (0.75, 1.0)}
 

@@ -16,6 +16,7 @@ from aedist import metrics
 from aedist.checkpoint import newest_checkpoint, read_matching_state
 from aedist.config import config_from_dict, read_yaml
 from aedist.data import read_manifest
+from aedist.data.remote import set_cache_defaults
 from aedist.errors import UserError
 from aedist.evaluation import draw_figures, evaluate_split, knn_metric, load_probe
 from aedist.models import build_model
@@ -27,6 +28,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a run folder (no config.yaml); pass runs/NAME as made by launch/train.py")
     cfg = config_from_dict(read_yaml(run / "config.yaml", "run config"))
+    set_cache_defaults(cfg.data.cache_dir, cfg.data.cache_max_gb)
     cfg.run.dir, cfg.run.name = str(run.parent), run.name
     folder = run / "checkpoints" / checkpoint if checkpoint else newest_checkpoint(run / "checkpoints")
     if folder is None or not (folder / "COMPLETE").exists():
