@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pkgs=(dataset-fashion-mnist)
-[[ "${1:-}" == "--with-slurm" ]] && pkgs+=(slurmctld slurmd slurm-client munge)
+[[ "${1:-}" == "--with-slurm" ]] && pkgs+=(slurmctld slurmd slurm-client munge iproute2)  # iproute2: the two-node test network
 if command -v apt-get >/dev/null && [[ "$(id -u)" == 0 ]]; then
   if ! dpkg -s "${pkgs[@]}" >/dev/null 2>&1; then
     apt-get update -qq

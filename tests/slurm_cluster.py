@@ -1,19 +1,28 @@
-"""A real one-node SLURM cluster in a temporary folder, for tests (needs root and Debian's packages).
+"""Real SLURM clusters in a temporary folder, for tests (need root and Debian's packages).
 
-    with SlurmCluster(tmp_path / "slurm") as cluster:
+    with SlurmCluster(tmp_path / "slurm") as cluster:                 # one node: this host
         job = cluster.sbatch(["slurm/train_cpu.sbatch", "cfg.yaml"], cwd=repo)
-        cluster.wait_state(job, {"COMPLETED"})
 
-It starts its own ``munged`` (own key, socket, pid and log files), ``slurmctld`` and ``slurmd``, all in
-the foreground as child processes, on free ports, so it neither needs nor disturbs a system-wide
+    with VirtualNodes(tmp_path / "net") as net, TwoNodeCluster(tmp_path / "slurm", net) as cluster:
+        job = cluster.sbatch(["--nodes=2", "slurm/train_cpu.sbatch", "cfg.yaml"], cwd=repo)
+
+Each starts its own ``munged`` (own key, socket, pid and log files), ``slurmctld`` and ``slurmd``(s), all
+in the foreground as child processes, on free ports, so it neither needs nor disturbs a system-wide
 munge or SLURM. Client commands find the cluster through ``SLURM_CONF`` in :attr:`SlurmCluster.env`;
 sbatch exports the environment to the job, so ``scontrol requeue`` inside a batch script reaches the
 same controller. :meth:`stop` ends exactly the processes it started, by their pids.
+
+:class:`TwoNodeCluster` runs one ``slurmd`` per node of a :class:`multinode.VirtualNodes` (nodes
+``n1``, ``n2``: own network namespace, hostname and spool/pid/log files); ``slurmctld`` and ``munged``
+stay in the root namespace, the controller listening on the nodes' bridge (munge's socket is a
+file, which every namespace sees). Jobs run inside their node's namespaces, so an ``srun`` step that
+spans both nodes talks over the 10.x bridge network.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import signal
@@ -21,8 +30,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel")
+if TYPE_CHECKING:
+    from multinode import VirtualNodes
+
+BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel", "squeue", "srun")
 
 
 def unavailable_reason() -> str | None:
@@ -54,7 +67,9 @@ class SlurmCluster:
         self.cpus = cpus or os.cpu_count() or 1
         self.host = socket.gethostname().split(".")[0]  # what `hostname -s` prints; slurmd finds itself by it
         self.conf = self.root / "slurm.conf"
+        self.ctld_addr = "127.0.0.1"
         self.procs: list[subprocess.Popen] = []
+        self._held: dict[str, float] = {}  # requeued job -> since when it is held back on idle nodes
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self.env["PATH"] = self.env.get("PATH", "") + ":/usr/sbin:/sbin"
 
@@ -62,7 +77,7 @@ class SlurmCluster:
 
     def _write_files(self) -> None:
         r = self.root
-        for d in ("munge", "ctld", "spool", "log"):
+        for d in ("munge", "ctld", "log", *(f"spool/{n}" for n in self.nodes())):
             (r / d).mkdir(parents=True, exist_ok=True)
         # munged refuses keys and folders that others can read or write.
         os.chmod(r, 0o755)
@@ -74,7 +89,7 @@ class SlurmCluster:
         self.munge_socket = r / "munge" / "munge.socket"
         conf = f"""
 ClusterName=aedisttest
-SlurmctldHost={self.host}(127.0.0.1)
+SlurmctldHost={self.host}({self.ctld_addr})
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 SlurmUser=root
@@ -83,11 +98,11 @@ AuthType=auth/munge
 AuthInfo=socket={self.munge_socket}
 CredType=cred/munge
 StateSaveLocation={r / "ctld"}
-SlurmdSpoolDir={r / "spool"}
+SlurmdSpoolDir={r / "spool" / "%n"}
 SlurmctldPidFile={r / "slurmctld.pid"}
-SlurmdPidFile={r / "slurmd.pid"}
+SlurmdPidFile={r / "slurmd-%n.pid"}
 SlurmctldLogFile={r / "log" / "slurmctld.log"}
-SlurmdLogFile={r / "log" / "slurmd.log"}
+SlurmdLogFile={r / "log" / "slurmd-%n.log"}
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -107,19 +122,27 @@ SlurmdTimeout=30
 InactiveLimit=0
 Waittime=0
 MessageTimeout=10
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
-PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
+        nodes = self.nodes()
+        conf += "".join(f"NodeName={n} NodeAddr={a} CPUs={self.cpus} State=UNKNOWN\n" for n, a in nodes.items())
+        conf += f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO\n"
         self.conf.write_text(conf.lstrip())
 
-    def _spawn(self, argv: list[str], log: str) -> subprocess.Popen:
+    def nodes(self) -> dict[str, str]:
+        """Node name -> address: this host on loopback."""
+        return {self.host: "127.0.0.1"}
+
+    def _start_slurmds(self) -> None:
+        self._spawn([_which("slurmd"), "-D", "-f", str(self.conf)], "slurmd.out")
+
+    def _spawn(self, argv: list[str], log: str, popen=subprocess.Popen) -> subprocess.Popen:
         out = open(self.root / "log" / log, "ab")
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        proc = popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         out.close()
         self.procs.append(proc)
         return proc
 
-    def start(self, timeout: float = 60.0) -> "SlurmCluster":
+    def start(self, timeout: float = 60.0) -> SlurmCluster:
         """Start munged, slurmctld and slurmd; return once the node is idle."""
         self._write_files()
         atexit.register(self.stop)  # also when the test session ends without reaching teardown
@@ -130,8 +153,8 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
         self._wait(lambda: self.munge_socket.exists(), 15, "munged socket")
         self._spawn([_which("slurmctld"), "-D", "-i", "-f", str(self.conf)], "slurmctld.out")
         self._wait(lambda: self._run(["scontrol", "ping"]).stdout.count("UP") > 0, timeout, "slurmctld")
-        self._spawn([_which("slurmd"), "-D", "-f", str(self.conf)], "slurmd.out")
-        self._wait(lambda: self.node_state().startswith("idle"), timeout, "node idle")
+        self._start_slurmds()
+        self._wait(lambda: self.all_idle(), timeout, "nodes idle")
         return self
 
     def _wait(self, ok, timeout: float, what: str) -> None:
@@ -157,7 +180,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
                     proc.wait(5)
         self.procs.clear()
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         try:
             return self.start()
         except BaseException:
@@ -170,14 +193,39 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
     # ------------------------------------------------------------------ clients
 
     def _run(self, argv: list[str], check: bool = False, **kw) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, env=self.env, capture_output=True, text=True, check=check, **kw)
+        kw.setdefault("env", self.env)
+        return subprocess.run(argv, capture_output=True, text=True, check=check, **kw)
 
     def node_state(self) -> str:
-        return self._run(["sinfo", "-h", "-N", "-o", "%t"]).stdout.strip()
+        """The state of the (first) node, e.g. ``idle``."""
+        return self._run(["sinfo", "-h", "-N", "-o", "%t"]).stdout.strip().split("\n")[0]
 
-    def sbatch(self, argv: list[str], cwd: Path | str | None = None) -> str:
-        """Submit with ``sbatch --parsable``; return the job id."""
-        r = self._run(["sbatch", "--parsable", *argv], check=False, cwd=cwd)
+    def node_states(self) -> dict[str, str]:
+        """Every node's state: ``{"n1": "idle", "n2": "alloc"}``."""
+        lines = self._run(["sinfo", "-h", "-N", "-o", "%N %t"]).stdout.split("\n")
+        return dict(line.split() for line in lines if len(line.split()) == 2)
+
+    def all_idle(self) -> bool:
+        states = self.node_states()
+        return set(states) == set(self.nodes()) and all(s == "idle" for s in states.values())
+
+    def release_requeued(self, job_id: str, settle: float = 2.0) -> None:
+        """Start a requeued job now, not after SLURM's hold-back (BeginTime ~2 min ahead), once every
+        node has cleaned up the previous attempt and stayed idle for ``settle`` seconds: slurmd refuses
+        a launch whose credential is from the second in which it revoked the old attempt's ("Job N
+        already killed, do not launch batch job"). Call it while polling."""
+        state = self.job(job_id)
+        if state.get("JobState") != "PENDING" or state.get("Reason") != "BeginTime" or not self.all_idle():
+            self._held.pop(job_id, None)
+            return
+        idle_since = self._held.setdefault(job_id, time.monotonic())
+        if time.monotonic() - idle_since >= settle:
+            self.scontrol("update", f"JobId={job_id}", "StartTime=now")
+            self._held.pop(job_id, None)
+
+    def sbatch(self, argv: list[str], cwd: Path | str | None = None, env: dict[str, str] | None = None) -> str:
+        """Submit with ``sbatch --parsable`` (``env``: extra variables, exported to the job); return the job id."""
+        r = self._run(["sbatch", "--parsable", *argv], check=False, cwd=cwd, **({"env": {**self.env, **env}} if env else {}))
         if r.returncode != 0:
             raise RuntimeError(f"sbatch failed: {r.stderr}")
         return r.stdout.strip().split(";")[0]
@@ -205,3 +253,34 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
             if f.exists():
                 parts.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-25:]))
         return "\n".join(parts)
+
+
+class TwoNodeCluster(SlurmCluster):
+    """``slurmctld`` + ``munged`` here, one ``slurmd`` on each node of ``net`` (see the module docstring)."""
+
+    def __init__(self, root: Path, net: VirtualNodes, cpus: int | None = None) -> None:
+        super().__init__(root, cpus)
+        self.net = net
+        self.ctld_addr = net.controller_addr
+
+    def nodes(self) -> dict[str, str]:
+        return dict(self.net.addr)
+
+    def _start_slurmds(self) -> None:
+        for node in self.net.names:
+            # -N: the node name this slurmd serves (also what its hostname says).
+            argv = [_which("slurmd"), "-D", "-N", node, "-f", str(self.conf)]
+            self._spawn(argv, f"slurmd-{node}.out", popen=functools.partial(self.net.popen, node))
+
+    def stop(self) -> None:
+        """Cancel what still runs, stop the daemons, then kill anything left on the nodes (job steps
+        outlive their slurmd)."""
+        if any(p.poll() is None for p in self.procs):
+            jobs = self._run(["squeue", "-h", "-o", "%i"]).stdout.split()
+            if jobs:
+                self._run(["scancel", *jobs])
+                end = time.monotonic() + 20
+                while time.monotonic() < end and self._run(["squeue", "-h", "-o", "%i"]).stdout.split():
+                    time.sleep(0.5)
+        super().stop()
+        self.net.kill_all()

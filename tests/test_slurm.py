@@ -76,6 +76,19 @@ def test_train_sbatch_cpu_switch(tmp_path: Path) -> None:
     assert "<--main_process_ip> <127.0.0.1>" in line, line
 
 
+def test_train_sbatch_gpus_off_means_cpu(tmp_path: Path) -> None:
+    # `sbatch --nodes=2 --gpus-per-node=0 slurm/train.sbatch` on a CPU partition: SLURM says 0 GPUs per
+    # node, which alone switches to 1 gloo process per node (the real two-node run: test_multinode.py).
+    env = {"SLURM_NNODES": "2", "SLURM_GPUS_PER_NODE": "0", "SLURM_JOB_NODELIST": "cpu-[a-b]", "AEDIST_CPU_PROCS": ""}
+    out = _dry_run(tmp_path, env)
+    launches = [line for line in out.splitlines() if line.startswith("accelerate")]
+    assert len(launches) == 2 and "2 node(s) x 1 process(es)" in out, out
+    for rank, line in enumerate(launches):
+        assert line.startswith(f"accelerate <launch> <--machine_rank> <{rank}> <--multi_gpu>"), line
+        for want in ("<--num_processes> <2>", "<--num_machines> <2>", "<--main_process_ip> <gpu-a>", "<train.cpu=true>"):
+            assert want in line, (want, line)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     reason = unavailable_reason()  # only "not root" or "binaries missing"
@@ -150,10 +163,10 @@ def _wait(ok, timeout: float, what: str, cluster: SlurmCluster, job: str, log: P
         state = cluster.job(job)
         if state.get("JobState") in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             break
-        # SLURM holds a requeued batch job back (BeginTime ~2 min ahead); let it start as soon as the
-        # node has cleaned up the previous attempt (earlier, slurmd refuses it: "credential revoked").
-        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime" and cluster.node_state() == "idle":
-            cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+        # SLURM holds a requeued batch job back (BeginTime ~2 min ahead); let it start once the node
+        # has cleaned up the previous attempt and a few seconds have passed (a start in the second the
+        # old credential was revoked is refused by slurmd: "Job N already killed").
+        cluster.release_requeued(job)
         time.sleep(0.5)
     logs = log.read_text(errors="replace")[-6000:] if log.exists() else "(no job log)"
     raise AssertionError(f"timed out waiting for {what}; job: {cluster.job(job)}\n--- job log\n{logs}\n{cluster.logs()}")
