@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from aedist.checkpoint import CheckpointError
@@ -117,6 +118,7 @@ def test_run_folder_lock_refuses_a_second_live_run_but_not_a_dead_ones(tmp_path:
 
 @pytest.mark.parametrize("override, words", [
     ("train=3", "'train' is a section"), ("run.name=../x", "plain folder name"), ("run.name=/abs", "plain folder name"),
+    ("run.name=", "plain folder name"),
 ])
 def test_bad_overrides_are_refused(override: str, words: str) -> None:
     with pytest.raises(UserError, match=words):
@@ -193,8 +195,6 @@ def test_problems_found_late_are_found_before_step_one(tmp_path: Path, tiny_shar
 def test_skipped_shards_and_a_one_sample_val_split_end_cleanly_on_two_ranks(tmp_path: Path, run_py) -> None:
     """data.on_error=skip with a corrupt train shard and a corrupt test shard, and a val split of one
     sample (rank 1 holds no val batch): two gloo ranks finish every epoch on the shorter stream."""
-    import numpy as np
-
     from aedist.data import write_shards
 
     rng = np.random.default_rng(0)
@@ -216,3 +216,28 @@ def test_skipped_shards_and_a_one_sample_val_split_end_cleanly_on_two_ranks(tmp_
     assert summary["completed"] and summary["epoch"] == 2
     assert summary["step"] == 2 * (128 // 32)  # the 128 readable train samples, global batch 32
     assert np.isfinite(summary["val/loss"]) and np.isfinite(summary["test/loss"])
+
+
+def test_messages_name_the_real_cause(tmp_path: Path, tiny_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UserError, match=r"data.batch_size=32 is larger than data.limit=8; lower the batch size"):
+        fit(tiny_shards, tmp_path, "limit", "data.limit=8")
+    import aedist.engine
+    from aedist.engine import Diverged
+
+    monkeypatch.setattr(aedist.engine, "INJECT_NAN", "0:1")  # the very first step diverges
+    with pytest.raises(Diverged, match="no checkpoint was written yet"):
+        fit(tiny_shards, tmp_path, "nan")
+
+
+def test_figures_of_shards_that_name_no_classes(tmp_path: Path, tiny_shards: Path) -> None:
+    """Per-sample shards from other tools carry labels but no class names: figures label by number."""
+    import torch
+
+    from aedist.evaluation import draw_figures, load_probe
+    from aedist.models import build_model
+
+    cfg = load_config(None, overrides(tiny_shards, tmp_path, "nonames", "model.latent_dim=2", "log.probe_size=16"))
+    probe = load_probe(cfg, torch.device("cpu"))
+    latents = ({"clean": np.zeros((len(probe[1]), 2), np.float32)}, probe[1].numpy())
+    figs = draw_figures(build_model(cfg.model), cfg, probe, latents, [], full=True)
+    assert figs and all(isinstance(v, np.ndarray) and v.ndim == 3 for v in figs.values())

@@ -73,7 +73,11 @@ def draw_figures(model: nn.Module, cfg: Config, probe: tuple[torch.Tensor, torch
     """Every registered figure that applies to this run, keyed ``figures/NAME``."""
     was_training = model.training
     model.eval()
-    ctx = FigureContext(model, cfg, probe[0], probe[1], latents, class_names, full)
+    # Shards written by other tools may name no classes (or fewer than their labels): label by number.
+    labels = [probe[1].cpu().numpy()] + ([latents[1]] if latents is not None else [])
+    top = max((int(np.max(y)) for y in labels if y.size), default=-1)
+    names = list(class_names) + [str(i) for i in range(len(class_names), top + 1)]
+    ctx = FigureContext(model, cfg, probe[0], probe[1], latents, names, full)
     figs: dict[str, np.ndarray] = {}
     for _, fn in FIGURES.items():
         figs.update(fn(ctx))
