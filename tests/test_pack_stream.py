@@ -359,3 +359,18 @@ def test_slurm_array_job_packs_a_folder(cluster, tmp_path):
     with pytest.raises(UserError):  # and the reader still checks what it reads
         (out / "train-000000.tar").write_bytes(b"x" * 10)
         list(load_batches(out, "train", 4))
+
+
+def test_worker_pool_ends_in_a_process_that_handles_sigterm(tmp_path):
+    """A process that trained first holds the engine's SIGTERM handler; forked decoders must not
+    inherit it, or Pool.terminate() (SIGTERM) never ends them and the pack hangs at its last shard."""
+    photo_folder(tmp_path / "photos")
+    script = ("import signal, sys; from aedist.signals import STOP; from aedist.data.pack import pack_folder; STOP.install(); "
+              "m = pack_folder(sys.argv[1], sys.argv[2], size=8, samples_per_block=8, blocks_per_shard=2, workers=2); "
+              "print(m.splits['train'].num_samples)")
+    try:  # subprocess.run kills the hung packer (its decoders die with it) at the timeout
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "photos"), str(tmp_path / "out")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the worker pool did not end within 120 s")
+    assert proc.returncode == 0 and int(proc.stdout.split()[-1]) > 0, proc.stderr[-2000:]

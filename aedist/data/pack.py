@@ -189,6 +189,9 @@ def _set_ctx(root: Path, size: int, channels: int) -> None:
 def _init_worker(root: Path, size: int, channels: int) -> None:
     _set_ctx(root, size, channels)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it terminates the pool
+    # Pool.terminate() stops workers with SIGTERM: a handler inherited through fork (a training run's
+    # preemption flag, in a process that trains and then packs) would make that a no-op and hang it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:  # die with the parent: a kill -9 of the packer leaves no orphaned decoders (Linux)
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
