@@ -93,10 +93,10 @@ def test_two_process_run_reaches_single_process_val_loss(tmp_path: Path, tiny_sh
 
 
 def _slow_resumable(tmp: Path, shards: Path, name: str) -> Path:
-    # ~200 small steps, checkpoints every 20; no per-epoch evaluation so the run is only steps.
+    # 96 small steps, checkpoints every 20; no per-epoch evaluation so the run is only steps.
     return write_config(tmp, shards, name, data={"batch_size": 32}, model={"channels": [16, 32, 64], "latent_dim": 4},
                         corruption=[{"rotate": {"max_degrees": 45}}],
-                        train={"epochs": 25, "checkpoint_every": 20, "eval_every": 1000, "keep_last": 3},
+                        train={"epochs": 12, "checkpoint_every": 20, "eval_every": 1000, "keep_last": 3},
                         log={"wandb": "disabled", "every": 10, "figures_every": 1000, "probe_size": 16})
 
 
@@ -120,16 +120,16 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path: Path, tin
     cfg = _slow_resumable(tmp_path, tiny_shards, "killed")
     proc = _start(cfg)
     run = tmp_path / "runs/killed"
-    _wait_for(run / "checkpoints/step-60/COMPLETE", proc)
+    _wait_for(run / "checkpoints/step-40/COMPLETE", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "summary.json").exists(), "the run finished before it could be killed"
     resumed = train(cfg)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["resumed_from"] and summary["resumed_from"][0] >= 60
+    assert summary["resumed_from"] and summary["resumed_from"][0] >= 40
     ref_summary = json.loads((tmp_path / "runs/ref/summary.json").read_text())
-    assert summary["step"] == ref_summary["step"] == 200
+    assert summary["step"] == ref_summary["step"] == 96
     assert max_diff(weights(run), weights(tmp_path / "runs/ref")) <= 1e-6
 
 
@@ -145,7 +145,7 @@ def test_sigusr1_saves_exits_75_and_resumes(tmp_path: Path, tiny_shards: Path, t
     again = train(cfg)
     assert again.returncode == 0, again.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["resumed_from"] == [saved[-1]] and summary["step"] == 200
+    assert summary["resumed_from"] == [saved[-1]] and summary["step"] == 96
 
 
 def test_nan_on_one_rank_stops_both_without_hanging(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:

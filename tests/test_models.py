@@ -26,7 +26,7 @@ RunFn = Callable[..., subprocess.CompletedProcess]  # the run_py / train fixture
     ("mnist_mlp", None, None, 622_504),                 # seed 004
 ])
 def test_seed_parameter_counts(config: str, encoder: int | None, decoder: int | None, total: int | None) -> None:
-    model = build_model(load_config(ROOT / f"configs/{config}.yaml").model)
+    model = build_model(load_config(ROOT / f"configs/seeds/{config}.yaml").model)
     if encoder is not None:
         assert count_params(model.encoder) == encoder
         assert count_params(model.decoder) == decoder
