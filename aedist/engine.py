@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -83,6 +84,9 @@ class Trainer:
         t = cfg.train
         device = torch.device("cuda" if torch.cuda.is_available() and not t.cpu else "cpu")
         self.mixed_precision = precision.resolve_mixed_precision(t.mixed_precision, device)
+        # A second Trainer in one process (a notebook, the tests) may resolve another precision; the
+        # AcceleratorState singleton would refuse it. The process group (PartialState) is kept.
+        AcceleratorState._reset_state()
         self.accelerator = acc = Accelerator(
             cpu=device.type == "cpu", mixed_precision=self.mixed_precision, gradient_accumulation_steps=t.grad_accum,
             log_with=trackers_for(cfg) or None, project_dir=str(cfg.run_dir),
@@ -106,9 +110,12 @@ class Trainer:
         self.channels_last = precision.resolve_channels_last(t.channels_last, model, device, self.mixed_precision)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        self.compiled = precision.resolve_compile(t.compile, debug=debug, total_steps=self.total_steps)
+        self.compiled = precision.resolve_compile(t.compile, debug=debug, total_steps=self.total_steps, device=device)
         optimizer = build_optimizer(model, cfg.optim, on_cuda=device.type == "cuda")
-        self.model, self.optimizer = acc.prepare(precision.compile_model(model, device) if self.compiled else model, optimizer)
+        # Accelerate prepares the plain module (checkpoints and unwrap_model see no ``_orig_mod.``);
+        # the training step calls a compiled handle that shares its parameters: one graph for all epochs.
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.forward = precision.compile_model(self.model, device) if self.compiled else self.model
         self.schedule = Schedule(self.optimizer.optimizer, cfg.optim, self.total_steps)
         if self.schedule.inner is not None:
             acc.register_for_checkpointing(self.schedule)
@@ -128,6 +135,7 @@ class Trainer:
         self.evaluated_at = -1
         if acc.is_main_process:
             save_config(cfg, cfg.run_dir / "config.yaml")
+            precision.note_resolved(cfg.run_dir / "config.yaml", device, self.world, self.mixed_precision, self.channels_last, self.compiled)
             launcher = ["python"] if self.world == 1 else ["accelerate", "launch", "--num_processes", str(self.world)]
             with open(cfg.run_dir / "command.txt", "a") as fh:  # every (re)start, as typed, for the report
                 fh.write(shlex.join(launcher + sys.argv) + "\n")
@@ -268,7 +276,8 @@ class Trainer:
             with acc.accumulate(self.model):
                 gen = make_generator(cfg.train.seed, self.rank, s.step * accum + micro, images.device) if cfg.corruption else None
                 batch = prepare_batch(images, cfg.corruption, gen, normalize=cfg.data.normalize, channels_last=self.channels_last)
-                terms = compute_loss(self.model(batch.inputs), batch.targets, cfg.loss)
+                precision.begin_step(self.compiled, acc.device)
+                terms = compute_loss(self.forward(batch.inputs), batch.targets, cfg.loss)
                 if INJECT_NAN == f"{self.rank}:{s.step + 1}":
                     terms["loss"] = terms["loss"] * float("nan")
                 acc.backward(terms["loss"])

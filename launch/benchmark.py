@@ -18,7 +18,7 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("suite", choices=SUITES)
     parser.add_argument("--json", help="also write rows and ratios to this JSON file")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per case (the median is kept)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per case, the median kept (train: interleaved rounds, at most 3, the best kept)")
     parser.add_argument("--shards", default=None, help="shards folder to read (default: the suite's own)")
     args = parser.parse_args(argv)
     rows, ratios = importlib.import_module(f"aedist.benchmarks.{args.suite}").run(args)
