@@ -451,4 +451,9 @@ class Trainer:
 
 def train(cfg: Config, *, debug: bool = False) -> int:
     """Build a :class:`Trainer` and run it; returns the process exit code."""
-    return Trainer(cfg, debug=debug).fit()
+    code = Trainer(cfg, debug=debug).fit()
+    if torch.distributed.is_initialized():
+        # Tear the process group down before the interpreter does: left to exit-time destructors,
+        # gloo's threads sometimes abort a rank ("terminate called without an active exception").
+        torch.distributed.destroy_process_group()
+    return code

@@ -39,20 +39,23 @@ from torch import nn
 BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
 
 # Compile's break-even in optimizer steps. Inductor's first step (codegen, g++ on CPU, Triton on
-# CUDA) costs tens of seconds: 12-24 s here for a seed-000 model, ~19 s on the AMX machine,
-# where steady compiled steps gained ~1.2x. With a ~150 ms eager step, 1.2x saves ~25 ms a step,
-# so the warm-up is repaid after 500-1000 steps; 2000 leaves room. The seed schedules (thousands of
-# steps: 51 epochs x 375 for seed 000) pass it; configs/debug.yaml (32) and the tests do not.
+# CUDA) costs seconds to a minute: here 55 s (seed 000, first compile into an empty cache), 10 s
+# (seed 000 rotated) and 14 s (STL10 model), 1.2-1.7 s when its on-disk cache already holds the
+# code (a resumed run); ~19 s on the AMX machine, where steady compiled steps gained ~1.2x.
+# With a ~150 ms eager step, 1.2x saves ~25 ms a step: a 19-55 s warm-up is repaid after 760-2200
+# steps. The seed schedules (thousands of steps: 51 epochs x 375 for seed 000) pass 2000;
+# configs/debug.yaml (32 steps) and the tests do not.
 COMPILE_MIN_STEPS = 2000
 
 # Devices where ``auto`` compiles (long runs only). CUDA: the seed models are tiny, so their steps
 # are bound by kernel launches, which reduce-overhead's CUDA graphs remove (not measured here: no
-# GPU was lent). Not CPU: measured here, steady compiled steps did not beat eager at the precision
-# ``auto`` picks (bf16 + channels_last): single-threaded 1.00x (seed 000 baseline), 1.02x (seed 000
-# rotated), 1.08x (seed 003); on 2 threads, wall clock, 0.67-0.88x (seed 000 baseline), 0.82x
-# (rotated): Inductor leaves the convolutions (nearly all the time) to the same oneDNN kernels and
-# only fuses the cheap pointwise ops around them. (In fp32 NCHW it did pay for seed 003, 1.38x.)
-# ``train.compile=true`` still compiles on CPU.
+# GPU was lent). Not CPU: measured here at the precision ``auto`` picks (bf16 + channels_last),
+# steady compiled steps vs eager, 2 threads, wall clock (docs/bench/train.txt, best of 3 rounds):
+# seed 000 0.94x, seed 000 rotated 1.03x, STL10 model 1.12x (an earlier run: seed 000 0.67-0.88x,
+# rotated 0.82x); single-threaded, CPU time: 1.00x, 1.02x, seed 003 1.08x. Inductor leaves the
+# convolutions (nearly all of a step) to the same oneDNN kernels and only fuses the cheap pointwise
+# ops around them, so on CPU it is a wash for the small seed models and a ~10% gain for the STL10
+# one: not worth a default. ``train.compile=true`` still compiles on CPU.
 COMPILE_AUTO_DEVICES = ("cuda",)
 
 

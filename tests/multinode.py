@@ -295,7 +295,7 @@ def writes_by_rank(folder: Path) -> dict[str, set[str]]:
     is left out: every rank may ``makedirs(exist_ok=True)`` the folder it writes its own file into."""
     out: dict[str, set[str]] = {}
     for log in folder.glob("writes-*.log"):
-        for line in log.read_text().splitlines():
+        for line in log.read_text(errors="replace").splitlines():
             rank, how, path = line.split("\t", 2)
             if how != "os.mkdir":
                 out.setdefault(path, set()).add(rank)
