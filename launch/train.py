@@ -12,6 +12,7 @@ checkpoint is kept), 74 a checkpoint could not be written (disk full; older chec
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -45,13 +46,21 @@ def main(argv: Sequence[str]) -> int:
     if args.debug:
         torch.autograd.set_detect_anomaly(True)
     try:
-        return train(cfg, debug=args.debug)
+        code = train(cfg, debug=args.debug)
     except Diverged as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
+        code = 1
     except CheckpointError as err:  # the disk is full or gone: not the user's input, not divergence
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 74
+        code = 74
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is saved, flushed and closed by now. A rank of a finished multi-process run
+        # sometimes aborted in torch's exit-time C++ destructors ("terminate called without an active
+        # exception", SIGABRT), turning success into a failed job; leave without running them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
