@@ -41,7 +41,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--samples-per-block", type=int, default=1024)
     p.add_argument("--blocks-per-shard", type=int, default=64)
     p.add_argument("--force", action="store_true", help="overwrite a folder that holds another dataset")
-    p.add_argument("--workers", type=int, default=0, help=f"folder: decoding processes (default: the CPUs available, here {default_workers()})")
+    p.add_argument("--workers", type=int, default=0, help=f"folder: decoding processes, this one included (default: the CPUs available, here {default_workers()})")
     p.add_argument("--on-error", default="skip", choices=("skip", "raise"),
                    help="folder: leave out unreadable images, counted and named in the log (skip), or stop with exit 2 (raise)")
     p.add_argument("--task-index", type=int, default=0, help="array packing: this task's index (slurm/pack.sbatch sets it)")

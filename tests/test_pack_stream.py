@@ -109,6 +109,29 @@ def test_same_shards_as_in_memory_path_for_any_worker_count(tmp_path, classes, v
         assert np.load(io.BytesIO(tar.extractfile(tar.getnames()[0]).read())).shape == (8, 3, 8, 8)
 
 
+def test_the_packer_decodes_beside_its_helpers_in_plan_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--workers 2 = one forked helper + the packing process itself ("caller runs"): both decode, order kept."""
+    from aedist.data import pack as pack_mod
+
+    xs, _ = photo_folder(tmp_path / "photos", per_class=24)
+    files = [str(f.relative_to(tmp_path / "photos")) for c in sorted(CLASSES) for f in sorted((tmp_path / "photos" / c).iterdir())]
+    log, load = tmp_path / "pids", sources.load_image
+
+    def slow_load(path: Path, size: int, channels: int = 3) -> np.ndarray:
+        time.sleep(0.005)  # a helper's chunk is then never back at once: the packer has to decode too
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return load(path, size, channels)
+
+    monkeypatch.setattr(sources, "load_image", slow_load)
+    tasks = [(i, files[i : i + 4]) for i in range(0, len(files), 4)]
+    got = [(task[0], imgs.copy(), bad) for task, imgs, bad in pack_mod._decoded(tasks, 2, (tmp_path / "photos", 8, 3), 4)]
+    assert [t for t, _, _ in got] == [t for t, _ in tasks] and all(not bad for *_, bad in got)
+    assert np.array_equal(np.concatenate([imgs for _, imgs, _ in got]), xs)
+    pids = set(log.read_text().split())
+    assert str(os.getpid()) in pids and len(pids) == 2, pids
+
+
 def test_load_image_crops_the_centre_and_jpeg_draft_matches_full_decode(tmp_path):
     strip = np.zeros((10, 30, 3), np.uint8)
     strip[:, :10, 0], strip[:, 10:20, 1], strip[:, 20:, 2] = 255, 255, 255  # red | green | blue

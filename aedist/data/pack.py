@@ -12,8 +12,8 @@ Array datasets (IDX, STL10, Colored MNIST) are read into (memory-mapped) arrays 
    remapped, val carved and every split shuffled exactly as the in-memory path does, cut into shards
    of ``samples_per_block * blocks_per_shard`` files and blocks of ``samples_per_block``.
 2. **Pack** this task's contiguous range of shards: chunks of files are decoded and resized by
-   ``workers`` processes (results come back in plan order, at most ``2 * workers + 2`` chunks in
-   flight), and written block by block into ``.NAME.tmp-PID``, renamed into place when the shard is
+   ``workers`` processes, this one among them (results come back in plan order, at most
+   ``2 * workers + 2`` chunks in flight), and written block by block into ``.NAME.tmp-PID``, renamed into place when the shard is
    complete, then recorded in ``OUT/.pack/NAME.json`` with its sha256. Memory holds one block and a
    few chunks, whatever the dataset's size. Unreadable images (truncated, not an image, empty) are
    left out and counted (or stop the pack with ``on_error="raise"``).
@@ -215,13 +215,30 @@ def _decode_slot(files: list[str], slot: int) -> tuple[int, list[tuple[int, str]
     return _decode_into(files, _CTX["slots"][slot])
 
 
+class _Decoded:
+    """A chunk the packing process decoded itself: the same interface as the pool's AsyncResult."""
+
+    def __init__(self, value: tuple[int, list[tuple[int, str]]]) -> None:
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self) -> tuple[int, list[tuple[int, str]]]:
+        return self.value
+
+
 def _decoded(tasks: Iterable[tuple[Any, list[str]]], workers: int, ctx: tuple[Path, int, int], chunk: int
              ) -> Iterator[tuple[Any, np.ndarray, list[tuple[int, str]]]]:
-    """(task, decoded images, unreadable) in task order, by ``workers`` processes with bounded look-ahead.
+    """(task, decoded images, unreadable) in task order, decoded by ``workers`` processes with bounded look-ahead.
 
-    The images are a view valid until the next item: workers decode straight into slots of a shared
-    anonymous mapping made before the fork (no pickling of pixels), and a slot is reused only once
-    the caller has asked for the next item.
+    The packing process is one of the ``workers``: ``workers - 1`` forked helpers decode from a queue
+    kept two chunks deep each, and whenever the oldest chunk is not back yet, this process decodes the
+    next one itself ("caller runs") instead of waiting. So ``--workers N`` keeps N cores busy with no
+    (N+1)th process (the shard writer) competing for them, and the writer's own work is balanced out.
+    The images are a view valid until the next item: every decoder writes straight into slots of a
+    shared anonymous mapping made before the fork (no pickling of pixels), and a slot is reused only
+    once the caller has asked for the next item.
     """
     root, size, channels = ctx
     _set_ctx(*ctx)
@@ -232,28 +249,42 @@ def _decoded(tasks: Iterable[tuple[Any, list[str]]], workers: int, ctx: tuple[Pa
             yield task, buf[:k], bad
         return
     ahead = 2 * workers + 2
-    shm = mmap.mmap(-1, ahead * chunk * channels * size * size)  # MAP_SHARED: the forked workers write into it
+    shm = mmap.mmap(-1, ahead * chunk * channels * size * size)  # MAP_SHARED: the forked helpers write into it
     _CTX["slots"] = np.frombuffer(shm, dtype=np.uint8).reshape(ahead, chunk, channels, size, size)
-    # fork: the workers need only PIL and numpy, already loaded here; spawn would re-import torch in each
-    pool = mp.get_context("fork").Pool(workers, _init_worker, ctx)
+    # fork: the helpers need only PIL and numpy, already loaded here; spawn would re-import torch in each
+    helpers = workers - 1
+    pool = mp.get_context("fork").Pool(helpers, _init_worker, ctx)
     try:
         todo, free, pending = iter(tasks), list(range(ahead)), deque()
+        queued, exhausted = 0, False  # chunks handed to the helpers and not yet yielded; no task left
 
-        def submit() -> bool:
+        def take(here: bool) -> None:
+            nonlocal queued, exhausted
             task = next(todo, None)
-            if task is not None:
-                slot = free.pop()
-                pending.append((task, slot, pool.apply_async(_decode_slot, (task[1], slot))))
-            return task is not None
+            if task is None:
+                exhausted = True
+                return
+            slot = free.pop()
+            if here:
+                res: Any = _Decoded(_decode_slot(task[1], slot))
+            else:
+                res, queued = pool.apply_async(_decode_slot, (task[1], slot)), queued + 1
+            pending.append((task, slot, res))
 
-        while free and submit():
-            pass
-        while pending:
-            task, slot, res = pending.popleft()
+        while True:
+            while not exhausted and free and queued < 2 * helpers:
+                take(here=False)
+            if not pending:
+                break
+            task, slot, res = pending[0]
+            if not res.ready() and free and not exhausted:
+                take(here=True)
+                continue
+            pending.popleft()
+            queued -= not isinstance(res, _Decoded)
             k, bad = res.get()
             yield task, _CTX["slots"][slot][:k], bad
             free.append(slot)
-            submit()
     finally:
         pool.terminate()
         pool.join()
