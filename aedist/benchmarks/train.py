@@ -17,7 +17,11 @@ be downloaded here and pixel values do not change the arithmetic). Cases, each i
 - ``engine defaults + compile``: the same with ``train.compile=true``, as ``auto`` resolves it for
   the seeds' full schedules; its warm-up (first window minus a steady one) is reported apart;
 - ``engine fp32``: ``train.mixed_precision=no train.channels_last=false train.compile=false``,
-  the plain loop's numerics and layout: what the engine itself costs or saves.
+  the plain loop's numerics and layout: what the engine itself costs or saves;
+- ``plain fast path`` (where this machine runs bf16 natively): the same plain loop with bf16
+  autocast and channels_last, what the hardware gives the bare model with the engine's settings and
+  no engine at all: the ceiling for ``engine defaults``, so that ratio says how much of the
+  hardware's gain the engine keeps, and ``plain fast path/plain`` what a goal can ask of it here.
 
 The cases of a model run interleaved over ``min(--repeats, MAX_ROUNDS)`` rounds, each round in a
 rotated order, so a load change on the (shared) machine hits every case alike; each case's figure
@@ -45,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aedist.benchmarks import Row, row, vm_hwm_mb
+from aedist.precision import cpu_supports_bf16
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +69,7 @@ BENCHES = [
     Bench("seed000-rotated", "configs/seeds/fashion_rotated.yaml", steps=150, window=25),  # ~0.15-0.3 s a step
     Bench("stl10", "configs/seeds/stl10_compress.yaml", steps=12, window=2),  # ~3-7 s a step here: few steps
 ]
-MAX_ROUNDS = 3  # interleaved rounds per model (STL10's four cases take ~5 min a round here)
+MAX_ROUNDS = 3  # interleaved rounds per model (STL10's five cases take ~6 min a round here)
 ENGINE_CASES = {
     "engine defaults": [],
     "engine defaults + compile": ["train.compile=true"],
@@ -94,8 +99,9 @@ def _warmup_s(first: float, steady: float, images_per_window: int) -> float:
 # ----------------------------------------------------------------------------- the plain loop (child process)
 
 
-def _plain(config: str, shards: str, steps: int, window: int) -> dict[str, float]:
-    """The seed's fp32 loop for ``config``'s model on ``shards``; steady inputs/s and peak RSS."""
+def _plain(config: str, shards: str, steps: int, window: int, fast: bool = False) -> dict[str, float]:
+    """The seed's fp32 loop for ``config``'s model on ``shards`` (``fast``: bf16 autocast + channels_last);
+    steady inputs/s and peak RSS."""
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
@@ -116,12 +122,16 @@ def _plain(config: str, shards: str, steps: int, window: int) -> dict[str, float
     model = build_model(cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     loss_fn = nn.MSELoss()
+    layout = torch.channels_last if fast else torch.contiguous_format
+    model = model.to(memory_format=layout)
     loader = DataLoader(TensorDataset(inputs, targets), batch_size=batch, shuffle=True, drop_last=True)
     rates: list[float] = []
     done, t0 = 0, time.perf_counter()
     while done < steps:
         for x, y in loader:
-            loss = loss_fn(model(x).recon, y)
+            with torch.autocast("cpu", torch.bfloat16, enabled=fast):
+                recon = model(x.contiguous(memory_format=layout)).recon
+            loss = loss_fn(recon.float(), y)
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -133,11 +143,12 @@ def _plain(config: str, shards: str, steps: int, window: int) -> dict[str, float
             if done == steps:
                 break
     steady, first = _steady(rates)
-    return {"img_per_s": steady, "warmup_s": _warmup_s(first, steady, window * batch), "peak_rss_mb": vm_hwm_mb(), "settings": "fp32, NCHW, eager"}
+    return {"img_per_s": steady, "warmup_s": _warmup_s(first, steady, window * batch), "peak_rss_mb": vm_hwm_mb(),
+            "settings": "bf16, channels_last, eager" if fast else "fp32, NCHW, eager"}
 
 
-def _plain_in_child(config: str, shards: str, steps: int, window: int) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "aedist.benchmarks.train", config, shards, str(steps), str(window)],
+def _plain_in_child(config: str, shards: str, steps: int, window: int, fast: bool = False) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "aedist.benchmarks.train", config, shards, str(steps), str(window), str(int(fast))],
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
@@ -221,12 +232,13 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
         for bench in BENCHES:
             shards, growth = data[bench.key], _growth(bench.config)
             what = f"{bench.key} ({Path(bench.config).stem}, {_batch(bench) * growth} inputs/step, {bench.steps} steps)"
-            cases = ["plain", *ENGINE_CASES]
+            # the bare loop on the fast path, where the CPU runs bf16 natively (the engine's own rule)
+            cases = ["plain", *(["plain fast path"] if cpu_supports_bf16() else []), *ENGINE_CASES]
             runs: dict[str, list[dict]] = {c: [] for c in cases}
             for r in range(rounds):
                 for case in cases[r % len(cases):] + cases[:r % len(cases)]:
-                    if case == "plain":
-                        res = _plain_in_child(bench.config, shards, bench.steps, bench.window)
+                    if case.startswith("plain"):
+                        res = _plain_in_child(bench.config, shards, bench.steps, bench.window, fast=case != "plain")
                     else:
                         res = _engine(bench, shards, ENGINE_CASES[case], growth, str(Path(tmp) / "inductor"))
                     res["load"] = os.getloadavg()[0]
@@ -238,6 +250,10 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
             plain = results["plain"]["img_per_s"]
             for case in ENGINE_CASES:
                 ratios[f"{bench.key} {case}/plain"] = results[case]["img_per_s"] / plain
+            if "plain fast path" in results:
+                ceiling = results["plain fast path"]["img_per_s"]
+                ratios[f"{bench.key} plain fast path/plain (what the hardware gives the bare loop)"] = ceiling / plain
+                ratios[f"{bench.key} engine defaults/plain fast path (share of it the engine keeps)"] = results["engine defaults"]["img_per_s"] / ceiling
             for r, res in enumerate(runs["engine defaults + compile"]):
                 # Round 1 compiles into an empty Inductor cache; later rounds find its code there, as
                 # a resumed run does (the FX-graph and AOTAutograd caches are on by default).
@@ -258,5 +274,5 @@ def _best_run(runs: list[dict]) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("WANDB_SILENT", "true")
-    config_arg, shards_arg, steps_arg, window_arg = sys.argv[1:5]
-    print(json.dumps(_plain(config_arg, shards_arg, int(steps_arg), int(window_arg))))
+    config_arg, shards_arg, steps_arg, window_arg, fast_arg = sys.argv[1:6]
+    print(json.dumps(_plain(config_arg, shards_arg, int(steps_arg), int(window_arg), fast=fast_arg == "1")))
