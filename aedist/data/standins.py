@@ -1,18 +1,23 @@
 """A 96x96 photo stand-in for STL10 where it cannot be downloaded (no internet on the build machines).
 
-    python -m aedist.data.standins data/photo96 [N_TRAIN N_VAL N_TEST]   # data/photo96/{train,val,test}/{china,flower}/*.png
+    python -m aedist.data.standins data/photo96 [N_TRAIN N_VAL N_TEST]   # data/photo96/{train,val,test}/<photo>/*.png
     python launch/pack.py folder --source data/photo96 --size 96 --out shards/photo96
 
-Random crops of the two photographs scikit-learn ships (427x640 each), at random scales and
-flips: natural-image statistics at STL10's size, written as an ImageFolder tree so that the
-``folder`` packer reads them like any user's images. Train, val and test crops come from disjoint
-vertical strips of each photo (left half / third quarter / last quarter), so neither model selection
-on val nor the test score ever sees a training pixel (the packer keeps a val folder as it is).
+Random crops, at random scales and flips, of every natural photograph the installed packages ship:
+the two scikit-learn bundles (china, flower; 640x427) and, where Debian's ``mate-backgrounds`` is
+installed (``apt-get install mate-backgrounds``), its twelve nature photographs (sand, water, flowers,
+insects, wood, sky ...; scaled to 640 px on the long side first, so that a crop covers as much of a
+scene as in the sklearn ones). Natural-image statistics at STL10's size, written as an ImageFolder
+tree (one class per photograph) that the ``folder`` packer reads like any user's images. Train, val
+and test crops come from disjoint vertical strips of each photo (left half / third quarter / last
+quarter), so neither model selection on val nor the test score ever sees a training pixel (the
+packer keeps a val folder as it is).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +25,42 @@ from PIL import Image
 
 # Each split's strip of the photo's width, as fractions: disjoint, and each wider than the 96 px crops.
 STRIPS = {"train": (0.0, 0.5), "val": (0.5, 0.75), "test": (0.75, 1.0)}
+PHOTO_DIRS = ("/usr/share/backgrounds/mate/nature",)  # Debian's mate-backgrounds: photographs, not drawings
+LONG_SIDE = 640  # the sklearn photographs' long side; larger photographs are scaled down to it
 
 
-def write_photo_crops(out: str | Path, n_train: int = 2000, n_val: int = 200, n_test: int = 400, size: int = 96, seed: int = 0) -> Path:
-    """Write ``n_train`` / ``n_val`` / ``n_test`` PNG crops (half per photo) under ``out``; returns ``out``."""
+def photographs(dirs: Sequence[str | Path] = PHOTO_DIRS) -> dict[str, np.ndarray]:
+    """{name: HxWx3 uint8} of the sklearn photographs plus every JPEG in ``dirs`` that exists, sorted by name."""
     from sklearn.datasets import load_sample_images
 
-    photos = load_sample_images()
+    bundled = load_sample_images()
+    photos = {Path(f).stem: img for f, img in zip(bundled.filenames, bundled.images)}
+    for d in map(Path, dirs):
+        for f in sorted(d.glob("*.jpg")) if d.is_dir() else []:
+            with Image.open(f) as img:
+                img = img.convert("RGB")
+                scale = LONG_SIDE / max(img.size)
+                if scale < 1:
+                    img = img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC)
+                photos[f.stem.lower()] = np.asarray(img)
+    return dict(sorted(photos.items()))
+
+
+def write_photo_crops(out: str | Path, n_train: int = 2000, n_val: int = 200, n_test: int = 400, size: int = 96, seed: int = 0,
+                      dirs: Sequence[str | Path] = PHOTO_DIRS) -> Path:
+    """Write ``n_train`` / ``n_val`` / ``n_test`` PNG crops (spread evenly over the photographs) under ``out``."""
+    # every split's strip must hold a crop (a quarter of the width, the full height)
+    photos = {k: v for k, v in photographs(dirs).items() if min(v.shape[0], int(STRIPS["val"][1] * v.shape[1]) - int(STRIPS["val"][0] * v.shape[1])) >= size}
     rng = np.random.default_rng(seed)
     out = Path(out)
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        for photo, path in zip(photos.images, photos.filenames):
-            name = Path(path).stem
+        for k, (name, photo) in enumerate(photos.items()):
             folder = out / split / name
             folder.mkdir(parents=True, exist_ok=True)
             h, w, _ = photo.shape
             lo, hi = (int(f * w) for f in STRIPS[split])
             region = photo[:, lo:hi]
-            for i in range(n // 2):
+            for i in range(n // len(photos) + (k < n % len(photos))):
                 side = int(rng.integers(size, min(h, hi - lo) + 1))  # scale jitter: 96 px up to the strip's size
                 top, left = rng.integers(0, h - side + 1), rng.integers(0, region.shape[1] - side + 1)
                 crop = Image.fromarray(region[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
