@@ -36,6 +36,15 @@ from torch import nn
 # oneDNN held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, the kernels an AVX2-only CPU gets), bf16 autocast
 # made a step 8-12x slower than fp32 (seed 000 rotated, batch 384: 2402 ms vs 208 ms; seed 003:
 # 1526 ms vs 177 ms), while with AVX-512 BF16 it made it 1.5-1.8x faster (below): so detect, never assume.
+# How much of that gain a model sees depends on its layer shapes. AVX-512 BF16 without AMX doubles
+# the multiply rate at best; per layer of seed 000 (batch 64, forward + backward incl. input grad,
+# 200 reps, 2 threads, ms) fp32 / fp32+channels_last / bf16 / bf16+channels_last:
+#   ConvTranspose2d 128->64, 4->7 px   4.30 / 3.58 / 6.00 / 5.74   (bf16 slower)
+#   ConvTranspose2d 64->32, 7->14 px   5.54 / 3.17 / 4.77 / 4.66
+#   Conv2d 64->128, 7->4 px            3.09 / 2.94 / 3.18 / 3.05   (no gain)
+#   Conv2d 32->64, 14->7 px            5.05 / 3.72 / 4.30 / 3.67
+# so the whole seed-000 step gains 1.16-1.34x (the bare loop; running its transposed convs in fp32
+# gained nothing once the casts were paid), while the STL10 model's 96 px maps gain 2.5x.
 BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
 
 # Compile's break-even in optimizer steps. Inductor's first step (codegen, g++ on CPU, Triton on
