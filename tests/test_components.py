@@ -37,7 +37,7 @@ def test_registry_rejects_duplicates_and_names_what_exists() -> None:
 @pytest.mark.parametrize("registry, expected", [
     (MODELS, {"conv_ae", "conv_vae", "mlp_ae", "mlp_vae"}), (LOSSES, {"mse", "bce"}),
     (CORRUPTIONS, {"rotate", "rot90", "jigsaw", "gaussian_noise", "copies"}),
-    (FIGURES, {"recon", "latent", "interpolation", "rotation_panel", "prior_samples"}),
+    (FIGURES, {"recon", "samples", "latent", "interpolation", "rotation_panel", "prior_samples"}),
     (METRICS, {"mse", "psnr_db", "snr_db"}),
 ])
 def test_each_extension_point_registers_its_entries(registry: Registry, expected: set[str]) -> None:

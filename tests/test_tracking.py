@@ -128,6 +128,10 @@ def test_evaluate_writes_finite_metrics_and_report_tables_them(offline_run: Path
     rows = history(read_records(folders[-1] / f"run-{run_id}.wandb"))
     assert any(row.get("eval/test/mse") == pytest.approx(values["test/mse"]) for row in rows)
     assert any("eval/recon" in row for row in rows)
+    # the data itself, drawn only by the full evaluations: the last epoch's and evaluate.py's
+    figures = offline_run / "figures"
+    assert (figures / "eval_samples_epoch002.png").exists() and (figures / "samples_epoch002.png").exists()
+    assert not (figures / "samples_epoch001.png").exists() and (figures / "recon_epoch001.png").exists()
     report = tmp_path / "RESULTS.md"
     proc = run_py(["launch/report.py", str(offline_run), "--out", str(report)])
     assert proc.returncode == 0, proc.stderr[-3000:]

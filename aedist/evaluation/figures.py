@@ -99,6 +99,14 @@ def recon(ctx: FigureContext) -> dict[str, np.ndarray]:
     return out
 
 
+@FIGURES.register("samples")
+def samples(ctx: FigureContext) -> dict[str, np.ndarray]:
+    """A look at the data itself: the first three probe images of every class, one row per class
+    (seed 000's figure 1). The data does not change while training: only the full evaluations (the last
+    epoch's, evaluate.py's) draw it."""
+    return {"figures/samples": visuals.class_samples(ctx.x, ctx.y, ctx.class_names)} if ctx.full else {}
+
+
 @FIGURES.register("latent")
 def latent(ctx: FigureContext) -> dict[str, np.ndarray]:
     """The latent plane itself in 2-D; PCA otherwise, plus t-SNE in 2-D and 3-D on the full draw."""
