@@ -29,6 +29,12 @@ PHOTO_DIRS = ("/usr/share/backgrounds/mate/nature",)  # Debian's mate-background
 LONG_SIDE = 640  # the sklearn photographs' long side; larger photographs are scaled down to it
 
 
+def _strip(width: int, split: str) -> tuple[int, int]:
+    """The pixel columns [lo, hi) of ``split``'s strip of a photo ``width`` pixels wide."""
+    lo, hi = STRIPS[split]
+    return int(lo * width), int(hi * width)
+
+
 def photographs(dirs: Sequence[str | Path] = PHOTO_DIRS) -> dict[str, np.ndarray]:
     """{name: HxWx3 uint8} of the sklearn photographs plus every JPEG in ``dirs`` that exists, sorted by name."""
     from sklearn.datasets import load_sample_images
@@ -49,8 +55,10 @@ def photographs(dirs: Sequence[str | Path] = PHOTO_DIRS) -> dict[str, np.ndarray
 def write_photo_crops(out: str | Path, n_train: int = 2000, n_val: int = 200, n_test: int = 400, size: int = 96, seed: int = 0,
                       dirs: Sequence[str | Path] = PHOTO_DIRS) -> Path:
     """Write ``n_train`` / ``n_val`` / ``n_test`` PNG crops (spread evenly over the photographs) under ``out``."""
-    # every split's strip must hold a crop (a quarter of the width, the full height)
-    photos = {k: v for k, v in photographs(dirs).items() if min(v.shape[0], int(STRIPS["val"][1] * v.shape[1]) - int(STRIPS["val"][0] * v.shape[1])) >= size}
+    def fits(photo: np.ndarray) -> bool:  # every split's strip holds a crop
+        return all(min(photo.shape[0], hi - lo) >= size for lo, hi in (_strip(photo.shape[1], split) for split in STRIPS))
+
+    photos = {k: v for k, v in photographs(dirs).items() if fits(v)}
     rng = np.random.default_rng(seed)
     out = Path(out)
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
@@ -58,7 +66,7 @@ def write_photo_crops(out: str | Path, n_train: int = 2000, n_val: int = 200, n_
             folder = out / split / name
             folder.mkdir(parents=True, exist_ok=True)
             h, w, _ = photo.shape
-            lo, hi = (int(f * w) for f in STRIPS[split])
+            lo, hi = _strip(w, split)
             region = photo[:, lo:hi]
             for i in range(n // len(photos) + (k < n % len(photos))):
                 side = int(rng.integers(size, min(h, hi - lo) + 1))  # scale jitter: 96 px up to the strip's size
