@@ -113,6 +113,12 @@ class Stat:
         return cls(float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else None, len(a))
 
     def fmt(self, spec: str = ".4f") -> str:
+        """``mean ± std (n)``; a significant-figures spec (``.4g``) sets the mean's decimals and the std
+        shares them, so 0.005279 ± 0.000059 reads as one scale rather than 0.005279 ± 5.867e-05."""
+        if spec.endswith("g") and self.std is not None and math.isfinite(self.mean):
+            digits = int(spec[1:-1] or 6)
+            scale = math.floor(math.log10(abs(self.mean))) if self.mean else 0
+            spec = f".{max(0, digits - 1 - scale)}f"
         return format(self.mean, spec) + ("" if self.std is None else f" ± {format(self.std, spec)} ({self.n})")
 
 

@@ -88,11 +88,22 @@ def test_decide_needs_a_gap_beyond_twice_the_larger_std() -> None:
     assert decide("<", 0.5, Stat.of([0.019]), Stat.of([0.02]), 2.0, 0.3)[0] == FAILS  # factor scales the rhs
 
 
+def test_a_repeated_stat_prints_its_std_at_the_means_precision() -> None:
+    # numpy's sample std is the reference; the text shows it at the decimals of the 4-significant mean
+    vals = [0.00524, 0.00532]
+    st = Stat.of(vals)
+    assert st.std == float(np.std(vals, ddof=1))
+    assert st.fmt(".4g") == f"{np.mean(vals):.6f} ± {np.std(vals, ddof=1):.6f} (2)" == "0.005280 ± 0.000057 (2)"
+    assert Stat.of([11.65, 11.73]).fmt(".4g") == "11.69 ± 0.06 (2)"
+    assert Stat.of([0.0099]).fmt(".4g") == "0.0099"  # no repeats: plain significant figures, no std
+    assert Stat.of([0.01, 0.02]).fmt(".4f") == "0.0150 ± 0.0071 (2)"  # fixed decimals stay as asked
+
+
 def test_claim_holds_and_does_not_hold_over_repeats(make_run: MakeRun, tmp_path: Path) -> None:
     runs = [make_run(n, metrics={"test/mse": v}) for n, v in
             [("a", 0.010), ("a-s1", 0.011), ("a-s2", 0.012), ("b", 0.020), ("b-s1", 0.021), ("b-s2", 0.022)]]
     status, evidence, _ = _verdict(_study(tmp_path, [A_LT_B]), runs)
-    assert status == HOLDS and "0.011 ± 0.001 (3)" in evidence
+    assert status == HOLDS and "0.01100 ± 0.00100 (3)" in evidence
     status, _, _ = _verdict(_study(tmp_path, [{**A_LT_B, "op": ">"}]), runs)
     assert status == FAILS
 
