@@ -124,6 +124,12 @@ def load_run(path: str | Path) -> Run:
     return Run(p.name, p, cfg, summary, evals, read_rows(p / "metrics.jsonl"), command)
 
 
+def _progress(run: Run) -> str:
+    """How far an unfinished run got: its finished epochs (those with an epoch-mean loss) of the schedule."""
+    done = len(epoch_series(run.rows, "train/epoch_loss")[0])
+    return f"{done} of {run.section('train').get('epochs', '?')} epochs"
+
+
 def group_runs(runs: Iterable[Run]) -> dict[str, list[Run]]:
     """NAME, NAME-s1, NAME-s2 … -> {NAME: [runs]}, NAME itself first."""
     groups: dict[str, list[Run]] = {}
@@ -217,7 +223,7 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
     if not runs:
         raise UserError("no run folders given (each needs config.yaml); pass runs/NAME ...")
     groups = group_runs(r for r in runs if r.summary)
-    unfinished = [r.name for r in runs if not r.summary]
+    unfinished = [f"{r.name} ({_progress(r)})" for r in runs if not r.summary]
     exp_of = {run: exp for exp in study.experiments.values() for run in
               [*exp.runs, *(s.run for c in exp.claims for s in (c.lhs, c.rhs) if s.run), *(r.run for r in exp.references)]}
     order = [*dict.fromkeys([*(r for r in exp_of if r in groups), *groups])]
@@ -234,7 +240,7 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
              "(eval_best.json); train time excludes evaluation.", ""]
     lines += _table(COLUMNS, (_row(b, groups[b], exp_of.get(b)) for b in order))
     if unfinished:
-        lines += [f"Unfinished (no summary.json), left out: {', '.join(unfinished)}.", ""]
+        lines += [f"Unfinished (no summary.json; they resume where they stopped), left out: {', '.join(unfinished)}.", ""]
     refs = [(exp, r) for exp in study.experiments.values() for r in exp.references]
     if refs:
         lines += ["## The sources' own numbers beside ours", ""]

@@ -138,6 +138,19 @@ def test_mean_and_std_over_repeats_match_numpy_in_the_table(make_run: MakeRun, t
     assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} (3)" in text
 
 
+def test_an_unfinished_run_is_left_out_of_the_numbers_with_its_progress(make_run: MakeRun, tmp_path: Path) -> None:
+    done = make_run("a", metrics={"test/mse": 0.0123})
+    partial = make_run("a-s1", epochs=121, metrics={"test/mse": 0.5})
+    for f in ("summary.json", "eval.json"):  # killed mid-schedule: no summary, no evaluation yet
+        (partial / f).unlink()
+    rows = (partial / "metrics.jsonl").read_text().splitlines()
+    cut = [i for i, r in enumerate(rows) if "epoch_loss" in r][11]  # 12 epochs done, then a few steps of the 13th
+    (partial / "metrics.jsonl").write_text("\n".join(rows[: cut + 3]) + "\n")
+    text = write_report([done, partial], tmp_path / "out" / "R.md").read_text()
+    assert "| a | tiny | 3 |" in text and "0.5" not in text  # the group holds only the finished run
+    assert "left out: a-s1 (12 of 121 epochs)." in text
+
+
 def test_loss_curves_put_train_and_val_at_the_same_1_based_epochs(make_run: MakeRun) -> None:
     run = load_run(make_run("a", epochs=4))
     curves, notes = read_curves([run])
