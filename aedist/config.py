@@ -123,7 +123,7 @@ class OptimConfig:
     lr: Num = _f(1e-3, "Learning rate (never rescaled with the number of ranks).", ge=0.0)
     weight_decay: Num = _f(0.0, "Weight decay (L2 for adam/sgd, decoupled for adamw).", ge=0.0)
     momentum: Num = _f(0.0, "SGD momentum.", ge=0.0, le=1.0)
-    scheduler: Literal["none", "plateau", "cosine"] = _f("none", "LR schedule: none, ReduceLROnPlateau (see plateau_on), cosine.")
+    scheduler: Literal["none", "plateau", "cosine"] = _f("none", "LR schedule: none, plateau (ReduceLROnPlateau; see plateau_on), cosine.")
     warmup_steps: Int = _f(0, "Linear warmup steps for the cosine schedule.", ge=0)
     plateau_factor: Num = _f(0.5, "ReduceLROnPlateau factor.", ge=0.0, le=1.0)
     plateau_patience: Int = _f(3, "ReduceLROnPlateau patience in epochs.", ge=0)
