@@ -11,6 +11,7 @@ import json
 import math
 import os
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,7 @@ class Tracker:
         self.run_dir = cfg.run_dir
         self.run_id = run_id
         self.enabled = accelerator.is_main_process
+        self.trackers_lost = False  # set by the first failed send (see _to_trackers)
         if self.enabled:
             (self.run_dir / "figures").mkdir(parents=True, exist_ok=True)
         init_kwargs: dict[str, dict[str, Any]] = {}
@@ -73,10 +75,10 @@ class Tracker:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in values.items()}
-        self.accelerator.log(clean, step=step)
         row = {"step": step, "epoch": epoch, **{k: (v if math.isfinite(v) else str(v)) for k, v in clean.items()}}
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:  # the local record first: it must not depend on W&B
             fh.write(json.dumps(row) + "\n")
+        self._to_trackers(lambda: self.accelerator.log(clean, step=step))
 
     def log_images(self, images: dict[str, np.ndarray], step: int, epoch: int) -> None:
         """Figures as ``figures/KEY_epochEEE.png`` and as W&B images under KEY."""
@@ -85,14 +87,33 @@ class Tracker:
         for key, array in images.items():
             save_png(array, self.run_dir / "figures" / f"{key.removeprefix('figures/').replace('/', '_')}_epoch{epoch:03d}.png")
         if "wandb" in [t.name for t in self.accelerator.trackers]:
-            self.accelerator.get_tracker("wandb").log_images({k: [v] for k, v in images.items()}, step=step)
+            self._to_trackers(lambda: self.accelerator.get_tracker("wandb").log_images({k: [v] for k, v in images.items()}, step=step))
+
+    def _to_trackers(self, send: Callable[[], object]) -> None:
+        """Send to W&B/TensorBoard unless they were lost. A preemption signals every process of the SLURM
+        step, W&B's service included, a moment before the trainer reaches the step where it saves; a
+        log call in between must not crash the rank (and with it the save every rank is about to make).
+        So the first failure is reported in one line and the rest of this process logs locally only;
+        the resumed attempt continues the same W&B run."""
+        if self.trackers_lost:
+            return
+        try:
+            send()
+        except Exception as err:  # noqa: BLE001 - wandb raises ConnectionResetError, BrokenPipeError, its own errors
+            self.trackers_lost = True
+            print(f"warning: the trackers failed ({type(err).__name__}: {err}); this process logs to "
+                  f"{self.run_dir / 'metrics.jsonl'} and figures/ only from here on", flush=True)
+            _drop_wandb()
 
     def close(self) -> None:
         """Flush and finish the trackers (all ranks may call it). Never raises: on a preemption SLURM
         signals every process of the step, W&B's service included, and a failed flush must not turn
         a saved checkpoint into a crash (the offline run files are already on disk)."""
         try:
-            self.accelerator.end_training()
+            if self.trackers_lost:  # finishing a lost W&B run can only fail; the process group still goes
+                self.accelerator.state.destroy_process_group()
+            else:
+                self.accelerator.end_training()
         except Exception as err:  # noqa: BLE001 - any tracker failure at shutdown is only reported
             print(f"warning: closing the trackers failed ({type(err).__name__}: {err})", flush=True)
 
@@ -107,3 +128,14 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
     return out
+
+
+def _drop_wandb() -> None:
+    """Let go of a W&B service that is gone. wandb.teardown() unregisters wandb's own exit hook (which
+    would print a traceback at exit talking to the dead service) before its farewell message fails."""
+    import wandb
+
+    try:
+        wandb.teardown()
+    except Exception:  # noqa: BLE001, S110 - the service is gone; the farewell is expected to fail
+        pass

@@ -143,3 +143,43 @@ def test_evaluate_writes_finite_metrics_and_report_tables_them(offline_run: Path
 def test_evaluate_on_a_folder_that_is_no_run_is_a_one_line_error(tmp_path: Path, run_py: RunFn) -> None:
     proc = run_py(["launch/evaluate.py", str(tmp_path)])
     assert proc.returncode == 2 and "not a run folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# What SLURM does on a requeue: SIGTERM to every process of the step, W&B's service among them, while
+# the trainer runs on to the step where every rank saves. Logging in between must not kill the rank.
+LOST_SERVICE = """
+import signal, sys
+import numpy as np, psutil
+from accelerate import Accelerator
+from aedist.config import load_config
+from aedist.tracking import Tracker, trackers_for
+cfg = load_config(sys.argv[1], [f"run.dir={sys.argv[2]}", "run.name=lost", "log.wandb=offline"])
+tracker = Tracker(Accelerator(cpu=True, log_with=trackers_for(cfg)), cfg, "lost0001")
+tracker.log({"train/loss": 1.0}, step=1, epoch=0)
+service = [p for p in psutil.Process().children(recursive=True) if "wandb" in " ".join(p.cmdline())]
+assert service, "no W&B service process found"
+for p in service:
+    p.send_signal(signal.SIGTERM)
+psutil.wait_procs(service, timeout=30)
+for step in (2, 3):
+    tracker.log({"train/loss": 1.0 / step}, step=step, epoch=0)
+tracker.log_images({"figures/recon": np.zeros((8, 8, 3), np.uint8)}, step=3, epoch=1)
+tracker.close()
+print("finished", flush=True)
+"""
+
+
+def test_a_killed_wandb_service_leaves_the_rank_running_and_logging_locally(tmp_path: Path, tiny_shards: Path, run_py: RunFn) -> None:
+    cfg = write_config(tmp_path, tiny_shards, "lost")
+    script = tmp_path / "lost_service.py"
+    script.write_text(LOST_SERVICE)
+    proc = run_py([str(script), str(cfg), str(tmp_path / "runs")], env={"WANDB_SILENT": "false"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "finished" in proc.stdout, out[-3000:]
+    assert out.count("warning: the trackers failed") == 1 and "Traceback" not in out, out[-3000:]
+    run = tmp_path / "runs/lost"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+    assert (run / "figures/recon_epoch001.png").exists()
+    assert list((run / "wandb").glob("offline-run-*-lost0001"))  # W&B had started for real (what it had not
+    # written yet when its service died is lost with it: the next attempt continues the same W&B run)
