@@ -223,7 +223,7 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
     if not runs:
         raise UserError("no run folders given (each needs config.yaml); pass runs/NAME ...")
     groups = group_runs(r for r in runs if r.summary)
-    unfinished = [f"{r.name} ({_progress(r)})" for r in runs if not r.summary]
+    unfinished = {r.name: _progress(r) for r in runs if not r.summary}
     exp_of = {run: exp for exp in study.experiments.values() for run in
               [*exp.runs, *(s.run for c in exp.claims for s in (c.lhs, c.rhs) if s.run), *(r.run for r in exp.references)]}
     order = [*dict.fromkeys([*(r for r in exp_of if r in groups), *groups])]
@@ -240,7 +240,7 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
              "(eval_best.json); train time excludes evaluation.", ""]
     lines += _table(COLUMNS, (_row(b, groups[b], exp_of.get(b)) for b in order))
     if unfinished:
-        lines += [f"Unfinished (no summary.json; they resume where they stopped), left out: {', '.join(unfinished)}.", ""]
+        lines += [f"Unfinished (no summary.json; they resume where they stopped), left out: {', '.join(f'{n} ({p})' for n, p in unfinished.items())}.", ""]
     refs = [(exp, r) for exp in study.experiments.values() for r in exp.references]
     if refs:
         lines += ["## The sources' own numbers beside ours", ""]
@@ -261,7 +261,7 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
     for exp in study.experiments.values():
         lines += [f"### {exp.title}", "", f"Source: {exp.source or '–'}; {exp.epochs} epochs on {exp.data}.", ""]
         for claim in exp.claims:
-            status, evidence, why = check_claim(claim, exp, groups, study)
+            status, evidence, why = check_claim(claim, exp, groups, study, unfinished)
             mark = {HOLDS: "**holds**", FAILS: "**does not hold**"}.get(status, "*not tested here*")
             lines.append(f"- {mark}: {claim.text} ({evidence}; {why})")
         lines.append("")

@@ -153,8 +153,10 @@ def data_of(exp: Experiment, run: Run) -> tuple[bool, str]:
     return False, f"{run.shards} (stand-in: {exp.standins.get(run.shards, 'other data')} instead of {exp.data})"
 
 
-def check_claim(claim: Claim, exp: Experiment, groups: dict[str, list[Run]], study: Study) -> tuple[str, str, str]:
-    """(status, evidence, reason) for one claim of ``exp`` over the run groups present."""
+def check_claim(claim: Claim, exp: Experiment, groups: dict[str, list[Run]], study: Study,
+                under_way: dict[str, str] | None = None) -> tuple[str, str, str]:
+    """(status, evidence, reason) for one claim of ``exp`` over the run groups present; ``under_way``
+    maps a run with no finished member to how far it got, said instead of "missing"."""
     stats: list[Stat | None] = []
     reasons: list[str] = []
     for side in (claim.lhs, claim.rhs):
@@ -163,7 +165,11 @@ def check_claim(claim: Claim, exp: Experiment, groups: dict[str, list[Run]], stu
             continue
         members = groups.get(str(side.run), [])
         st = group_stat(members, str(side.metric)) if members else None
-        reasons += [] if st else [f"run {side.run} missing" if not members else f"{side.metric} missing from {side.run}"]
+        if not members:
+            progress = (under_way or {}).get(str(side.run))
+            reasons.append(f"run {side.run} unfinished ({progress})" if progress else f"run {side.run} missing")
+        elif st is None:
+            reasons.append(f"{side.metric} missing from {side.run}")
         stats.append(st)
     lhs, rhs = stats
     evidence = f"{_describe(claim.lhs, lhs)} vs {'' if claim.factor == 1 else f'{claim.factor:g} x '}{_describe(claim.rhs, rhs)}"

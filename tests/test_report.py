@@ -149,6 +149,10 @@ def test_an_unfinished_run_is_left_out_of_the_numbers_with_its_progress(make_run
     text = write_report([done, partial], tmp_path / "out" / "R.md").read_text()
     assert "| a | tiny | 3 |" in text and "0.5" not in text  # the group holds only the finished run
     assert "left out: a-s1 (12 of 121 epochs)." in text
+    # a claim on a run with no finished member says how far it got, not that it is missing
+    partial.rename(partial.with_name("b"))
+    text = write_report([done, partial.with_name("b")], tmp_path / "out" / "R.md", _study(tmp_path, [A_LT_B])).read_text()
+    assert "*not tested here*: a beats b" in text and "run b unfinished (12 of 121 epochs)" in text
 
 
 def test_loss_curves_put_train_and_val_at_the_same_1_based_epochs(make_run: MakeRun) -> None:
