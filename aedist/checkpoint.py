@@ -9,8 +9,10 @@ rank can see (as on any multi-node cluster), since each rank writes its own RNG 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -49,6 +51,9 @@ class TrainState:
     # Where ``epoch`` stands in world-independent terms (DataPosition.to_dict()); None at an epoch's start.
     # Checkpoints written before it existed have only ``batch``, read as this world's position.
     data_position: dict[str, Any] | None = None
+    # The shards' content hash this run trains on (aedist.resume.data_hash): a resume refuses shards
+    # re-packed in place with other data. Empty in checkpoints written before it existed: not checked.
+    data_hash: str = ""
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -81,20 +86,78 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full); older ones are untouched."""
 
 
-def _phase(accelerator: Accelerator, fn: Callable[[], None]) -> None:
+_FULL_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded"}
+# How libraries word ENOSPC/EDQUOT once they have wrapped it: safetensors (Rust) "No space left on device
+# (os error 28)", C++ streams and others "errno 28", Python's own "[Errno 122] Disk quota exceeded".
+_FULL_TEXT = re.compile(rf"(no space left on device)|(quota exceeded)|(?:os error|errno)\]? ?({errno.ENOSPC}|{errno.EDQUOT})\b", re.IGNORECASE)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and every exception it was raised from or while handling, each once."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is not None and not any(e is s for s in seen):
+            seen.append(e)
+            todo += [e.__cause__, e.__context__]
+    return seen
+
+
+def _no_room(folder: Path) -> str:
+    """Ask the filesystem holding ``folder`` whether it has room left: write and fsync 64 KiB there (a
+    delayed-allocation filesystem only reports ENOSPC/EDQUOT at fsync). The cause's name, or "" if it fits."""
+    probe = folder / f".space-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(bytes(65536))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as err:
+        return _FULL_ERRNOS.get(err.errno or 0, "")
+    finally:
+        probe.unlink(missing_ok=True)
+    return ""
+
+
+def disk_full(err: BaseException, folder: Path | None = None) -> str:
+    """Why ``err`` means the disk (or the user's quota) is full, or "" when it does not, however a library
+    wrapped the ENOSPC/EDQUOT: an OSError's errno anywhere in the ``__cause__``/``__context__`` chain,
+    the message text of a RuntimeError or SafetensorError, and, for torch.save, whose C++ writer loses
+    errno altogether ("unexpected pos N vs M", "iostream error"), a probe write into ``folder``."""
+    chain = _chain(err)
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+            return _FULL_ERRNOS[e.errno]
+    for e in chain:
+        if m := _FULL_TEXT.search(str(e)):
+            return _FULL_ERRNOS[errno.ENOSPC if m.group(1) else errno.EDQUOT if m.group(2) else int(m.group(3))]
+    return _no_room(folder) if folder is not None and folder.is_dir() else ""
+
+
+def _phase(accelerator: Accelerator, fn: Callable[[], None], folder: Path) -> None:
     """Run one phase of a save on every rank and agree on its outcome (a barrier that carries a
-    failure flag): a rank whose write failed must not leave the others waiting forever."""
-    failure = ""
+    failure flag): a rank whose write failed must not leave the others waiting forever. Any OSError,
+    and a full disk however a library reports it, is a CheckpointError; another exception is re-raised
+    on its rank after the others were told (they raise CheckpointError)."""
+    failure, other = "", None
     try:
         fn()
     except OSError as err:
-        failure = f"{err.strerror or err} ({err.filename or ''})".strip()
+        failure = f"{disk_full(err) or err.strerror or err} ({err.filename or folder})"
+    except Exception as err:  # noqa: BLE001 - torch (RuntimeError), safetensors (SafetensorError) wrap ENOSPC in their own types
+        if cause := disk_full(err, folder):
+            failure = f"{cause} ({folder}; {type(err).__name__})"
+        else:
+            other = err
     if accelerator.num_processes > 1:
         import torch
 
-        flag = torch.tensor([1.0 if failure else 0.0], device=accelerator.device)
-        if float(accelerator.reduce(flag, "sum")) and not failure:
+        flag = torch.tensor([1.0 if failure or other else 0.0], device=accelerator.device)
+        if float(accelerator.reduce(flag, "sum")) and not (failure or other):
             failure = "another rank could not write its part"
+    if other is not None:
+        raise other
     if failure:
         raise CheckpointError(failure)
 
@@ -128,11 +191,15 @@ def save_checkpoint(accelerator: Accelerator, root: Path, name: str, state: Trai
 
     try:
         for phase in (start, write, commit):
-            _phase(accelerator, phase)
+            _phase(accelerator, phase, tmp)
     except CheckpointError as err:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {final}: {err}; the older checkpoints in {root} are kept") from None
+    except Exception:  # a bug, not the disk: its traceback is wanted, a half-written folder is not
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 

@@ -113,8 +113,14 @@ class ModelConfig:
 
 @dataclass(config=_SECTION)
 class LossConfig:
-    name: Str = _f("mse", "Registered reconstruction loss (aedist.losses.LOSSES): mse, bce.")
+    name: Str = _f("mse", "Registered reconstruction loss (aedist.losses.LOSSES): mse, l1, bce.")
     beta: Num = _f(1.0, "Weight of the KL term for VAEs.", ge=0.0)
+
+
+@dataclass(config=_SECTION)
+class ObjectiveConfig:
+    name: Str = _f("reconstruction", "Registered objective (aedist.objectives.OBJECTIVES): reconstruction (the loss section), lpips_gan.")
+    params: dict[str, Any] = _f({}, "Options of the objective's own parameter schema (see the README's latent-diffusion section).")
 
 
 @dataclass(config=_SECTION)
@@ -147,7 +153,9 @@ class TrainConfig:
     resume: Str = _f("auto", "auto = newest complete checkpoint of this run, never, or a checkpoint path.")
     early_stop_patience: Int = _f(0, "Stop after N epochs without a better val loss (0 = off).", ge=0)
     max_bad_steps: Int = _f(0, "Skip up to N non-finite-loss steps before stopping (0 = stop on the first).", ge=0)
+    collective_timeout_s: Num = _f(600.0, "Seconds a rank waits for the others at a collective before the job ends (exit 124; README: Exit codes).", gt=0)
     eval_every: Int = _f(1, "Validate and test every N epochs.", ge=1)
+    ema_decay: Num = _f(0.0, "EMA of the weights, updated every optimizer step (e.g. 0.999; 0 = off); evaluated as val_ema/, test_ema/.", ge=0.0, lt=1.0)
 
 
 @dataclass(config=_SECTION)
@@ -168,6 +176,9 @@ class EvalConfig:
     corruptions: dict[str, list[Any]] = _f({}, "Named test-time corruption lists, e.g. {rotated: [{rotate: {max_degrees: 180}}]}.")
     knn_k: Int = _f(5, "Neighbours for the latent kNN class accuracy.", ge=1)
     knn_train: Int = _f(5000, "Train samples whose latents fit the kNN classifier.", ge=10)
+    metrics: list[Str] = _f(["mse", "psnr_db", "snr_db"], "Metrics of every evaluated set: mse psnr_db snr_db ssim ms_ssim lpips rfid kl_channel "
+                            "active_units (README: Image quality metrics).")
+    lpips_net: Literal["alex", "vgg"] = _f("alex", "LPIPS trunk; its torchvision weights must be in TORCH_HOME (launch/fetch_weights.py).")
 
 
 @dataclass(config=_SECTION)
@@ -177,6 +188,7 @@ class Config:
     corruption: list[Any] = _f([], "Ordered training corruptions (registry: aedist.data.corruption.CORRUPTIONS).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     log: LogConfig = Field(default_factory=LogConfig)
@@ -188,8 +200,13 @@ class Config:
         return Path(self.run.dir) / self.run.name
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML/JSON-safe)."""
-        return dataclasses.asdict(self)
+        """Plain nested dict (YAML/JSON-safe), with a password in data.shards masked: it is what config.yaml,
+        W&B and the resume check see, and a secret must reach none of them (remote.mask_url)."""
+        from aedist.data.remote import mask_url  # here: aedist.data imports torch
+
+        d = dataclasses.asdict(self)
+        d["data"]["shards"] = mask_url(d["data"]["shards"])
+        return d
 
     def model_hash(self) -> str:
         """Hash of everything that fixes the shape of the weights; checkpoints must match it."""
@@ -234,6 +251,7 @@ def _one_line(err: ValidationError) -> UserError:
         "greater_than_equal": lambda: f"must be >= {e['ctx']['ge']}",
         "greater_than": lambda: f"must be > {e['ctx']['gt']}",
         "less_than_equal": lambda: f"must be <= {e['ctx']['le']}",
+        "less_than": lambda: f"must be < {e['ctx']['lt']}",
         "int_type": lambda: "expected an integer",
         "int_from_float": lambda: "expected an integer",
         "bool_type": lambda: "expected true or false",
@@ -269,7 +287,9 @@ def parse_override(item: str) -> dict[str, Any]:
         raise UserError(f"bad override '{item}': write key=value, e.g. train.epochs=3")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml_text(raw) if raw != "" else ""
+    except DuplicateKeyError as err:
+        raise UserError(f"bad override '{item}': {err.problem}") from None
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")
@@ -303,11 +323,17 @@ def _check_registered(cfg: Config) -> None:
 
     MODELS.get(cfg.model.name, key="model.name").check_params(cfg.model)
     LOSSES.get(cfg.loss.name, key="loss.name")
+    from aedist.objectives import OBJECTIVES
+
+    OBJECTIVES.get(cfg.objective.name, key="objective.name").check_params(cfg.objective.params)
     for key, spec in [("corruption", cfg.corruption), *((f"eval.corruptions.{k}", v) for k, v in cfg.eval.corruptions.items())]:
         try:
             validate_spec(spec)
         except ValueError as err:
             raise UserError(f"config key '{key}': {err}") from None
+    from aedist.evaluation.quality import check_metric_names  # METRICS and QUALITY, filled by their imports
+
+    check_metric_names(cfg.eval.metrics)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -320,13 +346,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(data)
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping (at any nesting level) names the same key twice."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping. Plain PyYAML keeps the last
+    one silently, so a second ``train:`` section would drop the first one's keys without a word. Keys
+    brought in by a ``<<: *anchor`` merge may still be overridden: that is what merges are for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:  # explicit keys only: flatten_mapping (in super) adds the merged ones
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: super() reports it
+                    break
+                if first is not None:
+                    raise DuplicateKeyError(None, None, f"duplicate key {key!r} on lines {first} and {line}", key_node.start_mark)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (:class:`UniqueKeyLoader`); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
-    """A YAML mapping from ``path``, or a one-line UserError saying what is wrong with the file."""
+    """A YAML mapping from ``path``, or a one-line UserError saying what is wrong with the file
+    (including a key written twice in one mapping, naming both lines)."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} {str(p)!r} not found; pass an existing file such as configs/debug.yaml")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = load_yaml_text(p.read_text()) or {}
+    except DuplicateKeyError as err:
+        raise UserError(f"{what} {str(p)!r}: {err.problem}; keep one of them (PyYAML would silently keep only the last)") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise UserError(f"{what} {str(p)!r} is not valid YAML ({str(err).splitlines()[0]}); fix or restore it") from None
     if not isinstance(data, dict):

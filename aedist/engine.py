@@ -21,11 +21,12 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta  # issue 25 item 7
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed  # InitProcessGroupKwargs: issue 25 item 7
 from tqdm.auto import tqdm
 
 from aedist import precision
@@ -42,19 +43,21 @@ from aedist.checkpoint import (
 from aedist.config import Config, save_config
 from aedist.data import BatchStream, DataPosition, load_batches, num_batches, read_manifest
 from aedist.data.corruption import make_generator
-from aedist.data.remote import set_cache_defaults
+from aedist.data.remote import mask_url, set_cache_defaults
 from aedist.errors import UserError
 from aedist.evaluation import draw_figures, evaluate_split, knn_metric, load_probe
-from aedist.losses import compute_loss
+from aedist.evaluation.backbones import check_backbones
 from aedist.models import build_model
-from aedist.optim import Schedule, build_optimizer
+from aedist.objectives import build_objective
+from aedist.optim import EMA, Schedule, build_optimizer
 from aedist.resume import RunLock, apply_changes, check_changes, config_changes, previous_config, record_resume
 from aedist.signals import INTERRUPT_EXIT_CODE, PREEMPT_EXIT_CODE, STOP
 from aedist.sysinfo import vm_hwm_mb
 from aedist.tracking import Tracker, new_run_id, trackers_for
 
 REQUEUE_EXIT_CODE = PREEMPT_EXIT_CODE  # 75: "preempted, checkpoint saved, run me again" (slurm/ requeues on it)
-# Fault injection for tests and drills: AEDIST_INJECT_NAN="RANK:STEP" makes that rank's loss NaN at that step.
+# Fault injection for tests and drills: AEDIST_INJECT_NAN="RANK:STEP[:TERM]" makes that rank's loss (or the
+# objective's term TERM, e.g. disc_loss) NaN at that 1-based step.
 INJECT_NAN = os.environ.get("AEDIST_INJECT_NAN", "")
 
 
@@ -90,17 +93,21 @@ class Trainer:
         self.accelerator = acc = Accelerator(
             cpu=device.type == "cpu", mixed_precision=self.mixed_precision, gradient_accumulation_steps=t.grad_accum,
             log_with=trackers_for(cfg) or None, project_dir=str(cfg.run_dir),
+            # issue 25 item 7: a rank that stops arriving ends the job after this long (launch/train.py says which, exit 124)
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout_s))],
         )
         self.world, self.rank = acc.num_processes, acc.process_index
         self.lock = RunLock(cfg.run_dir) if acc.is_main_process else None
         set_cache_defaults(cfg.data.cache_dir, cfg.data.cache_max_gb)  # where URL shards land, for every read below
         self.manifest = read_manifest(cfg.data.shards)
         self._check_inputs()
+        # Metrics that need pretrained backbones (lpips, rfid): their weights are on disk, or one line now.
+        check_backbones(cfg.eval.metrics, cfg.eval.lpips_net, tuple(self.manifest.shape[-2:]))
         self.has_val = "val" in self.manifest.splits
         self.per_rank = cfg.data.batch_size // (self.world * t.grad_accum)
         self.steps_per_epoch = num_batches(cfg.data.shards, "train", self.per_rank, self.world, limit=cfg.data.limit) // t.grad_accum
         if self.steps_per_epoch == 0:
-            cause = f"data.limit={cfg.data.limit}" if cfg.data.limit else f"the train split of {cfg.data.shards}"
+            cause = f"data.limit={cfg.data.limit}" if cfg.data.limit else f"the train split of {mask_url(cfg.data.shards)}"
             raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than {cause}; lower the batch size")
         epoch_steps = t.epochs * self.steps_per_epoch
         self.total_steps = epoch_steps if t.max_steps == 0 else min(t.max_steps, epoch_steps)
@@ -112,13 +119,24 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.compiled = precision.resolve_compile(t.compile, debug=debug, total_steps=self.total_steps, device=device)
         optimizer = build_optimizer(model, cfg.optim, on_cuda=device.type == "cuda")
+        # The objective decides what a step is; its extra networks (a discriminator) and their optimizers
+        # are prepared, clipped, stepped and checkpointed beside the model's (model_1.safetensors, ...).
+        self.objective = build_objective(cfg).to(acc.device)
+        extra = self.objective.trainable()
+        extra_opts = self.objective.optimizers(extra, on_cuda=device.type == "cuda")
         # Accelerate prepares the plain module (checkpoints and unwrap_model see no ``_orig_mod.``);
         # the training step calls a compiled handle that shares its parameters: one graph for all epochs.
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, *rest = acc.prepare(model, *extra.values(), optimizer, *extra_opts.values())
+        self.networks = dict(zip(extra, rest[:len(extra)]))
+        self.optimizer, *opts = rest[len(extra):]
+        self.extra_optimizers = dict(zip(extra_opts, opts))
+        self.ema = EMA(acc.unwrap_model(self.model), t.ema_decay) if t.ema_decay else None
         self.forward = precision.compile_model(self.model, device) if self.compiled else self.model
         self.schedule = Schedule(self.optimizer.optimizer, cfg.optim, self.total_steps)
         if self.schedule.inner is not None:
             acc.register_for_checkpointing(self.schedule)
+        if self.ema is not None:  # custom_checkpoint_N.pkl, restored with everything else (evaluate.py finds it by its keys)
+            acc.register_for_checkpointing(self.ema)
         self.ckpt_root = cfg.run_dir / "checkpoints"
         self.checkpoints = CheckpointPolicy(acc, self.ckpt_root, t.checkpoint_every, t.keep_last, self._before_save)
         self.stream: BatchStream | None = None  # the epoch being read: its position goes into checkpoints
@@ -139,6 +157,7 @@ class Trainer:
             launcher = ["python"] if self.world == 1 else ["accelerate", "launch", "--num_processes", str(self.world)]
             with open(cfg.run_dir / "command.txt", "a") as fh:  # every (re)start, as typed, for the report
                 fh.write(shlex.join(launcher + sys.argv) + "\n")
+        acc.print(self.objective.describe())
         acc.print(f"precision: mixed_precision={self.mixed_precision} channels_last={self.channels_last} "
                   f"compile={self.compiled} on {device.type} x{self.world}")
         self.tracker = Tracker(acc, cfg, self.state.wandb_run_id)
@@ -151,7 +170,7 @@ class Trainer:
         m, c = self.manifest, self.cfg
         want = (c.model.in_channels, c.model.image_size, c.model.image_size)
         if tuple(m.shape) != want:
-            raise UserError(f"shards {c.data.shards} hold images {tuple(m.shape)} but the model expects {want}; "
+            raise UserError(f"shards {mask_url(c.data.shards)} hold images {tuple(m.shape)} but the model expects {want}; "
                             f"set model.in_channels/model.image_size or pick other shards")
         per = self.world * c.train.grad_accum
         if c.data.batch_size % per:
@@ -178,16 +197,18 @@ class Trainer:
                 raise UserError(f"config key '{key}': {err}") from None
         if "val" not in m.splits:
             if c.train.early_stop_patience:
-                raise UserError(f"train.early_stop_patience needs a val split, and {c.data.shards} has none; "
+                raise UserError(f"train.early_stop_patience needs a val split, and {mask_url(c.data.shards)} has none; "
                                 "pack with --val-fraction > 0 or set train.early_stop_patience=0")
             if c.optim.scheduler == "plateau" and c.optim.plateau_on == "val":
-                raise UserError(f"optim.plateau_on=val needs a val split, and {c.data.shards} has none; "
+                raise UserError(f"optim.plateau_on=val needs a val split, and {mask_url(c.data.shards)} has none; "
                                 "set optim.plateau_on=train or pack with --val-fraction > 0")
 
     def _resume_or_start(self) -> TrainState:
         """A fresh state, or the checkpoint ``train.resume`` picks with the config's changes applied."""
+        from aedist.resume import check_same_data, data_hash
+
         cfg, acc = self.cfg, self.accelerator
-        fresh = TrainState(wandb_run_id=new_run_id(), model_hash=cfg.model_hash(), model=asdict(cfg.model))
+        fresh = TrainState(wandb_run_id=new_run_id(), model_hash=cfg.model_hash(), model=asdict(cfg.model), data_hash=data_hash(self.manifest))
         explicit = find_resume(cfg.train.resume)
         if explicit is not None:
             try:
@@ -197,7 +218,8 @@ class Trainer:
             if explicit.resolve().parent != self.ckpt_root.resolve():
                 # Another run's checkpoint seeds a new run: its own W&B run, recording where it came from.
                 acc.print(f"starting from {explicit} (step {state.step}) as a new run")
-                return replace(state, wandb_run_id=fresh.wandb_run_id, started_from=str(explicit), resumed_from=[], world_sizes=[])
+                return replace(state, wandb_run_id=fresh.wandb_run_id, started_from=str(explicit), resumed_from=[], world_sizes=[],
+                               data_hash=fresh.data_hash)  # fine-tuning may use other data: this run's own is recorded
             folder = explicit
         elif cfg.train.resume == "auto" and (found := load_newest_usable(acc, self.ckpt_root, cfg.model_hash())):
             state, folder = found
@@ -206,6 +228,8 @@ class Trainer:
         previous = previous_config(cfg.run_dir)
         changes = config_changes(previous, cfg.to_dict()) if previous else {}
         check_changes(changes, cfg.run_dir)
+        check_same_data(state.data_hash, fresh.data_hash, mask_url(cfg.data.shards), cfg.run_dir)
+        state.data_hash = fresh.data_hash  # a checkpoint from before the hash existed: checked from now on
         apply_changes(changes, self.optimizer, self.schedule)
         for key, (was, now) in changes.items():
             acc.print(f"resume: {key} changed {was!r} -> {now!r}; in effect from step {state.step + 1}")
@@ -269,31 +293,46 @@ class Trainer:
         acc, cfg, s = self.accelerator, self.cfg, self.state
         accum = cfg.train.grad_accum
         res = StepResult()
+        bad = torch.zeros((), dtype=torch.bool, device=acc.device)
+        inject = INJECT_NAN.split(":")
+
+        def backward(loss: torch.Tensor, name: str) -> None:
+            nonlocal bad
+            if inject[:2] == [str(self.rank), str(s.step + 1)] and (inject[2:] or ["loss"])[0] == name:
+                loss = loss * float("nan")
+            bad = bad | ~torch.isfinite(loss.detach())  # every loss a network learns from is guarded, not just the model's
+            acc.backward(loss)
+
+        unwrapped = acc.unwrap_model(self.model)
         for micro in range(accum):
             t0 = time.perf_counter()
             images, _ = next(batches)
             res.data_wait += time.perf_counter() - t0
-            with acc.accumulate(self.model):
+            with acc.accumulate(self.model, *self.networks.values()):
                 gen = make_generator(cfg.train.seed, self.rank, s.step * accum + micro, images.device) if cfg.corruption else None
                 batch = prepare_batch(images, cfg.corruption, gen, normalize=cfg.data.normalize, channels_last=self.channels_last)
                 precision.begin_step(self.compiled, acc.device)
-                terms = compute_loss(self.forward(batch.inputs), batch.targets, cfg.loss)
-                if INJECT_NAN == f"{self.rank}:{s.step + 1}":
-                    terms["loss"] = terms["loss"] * float("nan")
-                acc.backward(terms["loss"])
+                terms = self.objective.micro_step(unwrapped, self.forward, batch, s.step, self.networks, backward)
             for k, v in terms.items():
                 res.terms[k] = res.terms.get(k, 0.0) + v.detach() / accum
             s.batch += 1
-        finite = bool(torch.isfinite(res.terms["loss"]))
-        res.preempt, res.interrupt, res.bad = self._agree(self.stop.preempt, self.stop.interrupt, not finite)
+        res.preempt, res.interrupt, res.bad = self._agree(self.stop.preempt, self.stop.interrupt, bool(bad))
+        optimizers = {"": self.optimizer, **self.extra_optimizers}
+        if not res.bad:
+            nets = {"": self.model, **self.networks}
+            for name, opt in optimizers.items():
+                if cfg.optim.grad_clip or want_norm:
+                    norm = acc.clip_grad_norm_(nets[name].parameters(), cfg.optim.grad_clip or math.inf)
+                    res.terms[f"{name}_grad_norm" if name else "grad_norm"] = norm
+                if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
+                    opt.step()  # a network without gradients (a discriminator before disc_start) is not stepped at all
+            self.schedule.after_step()
+            if self.ema is not None:
+                self.ema.update(unwrapped)
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
         if res.bad:
-            self.optimizer.zero_grad(set_to_none=True)
             return res
-        if cfg.optim.grad_clip or want_norm:
-            res.terms["grad_norm"] = acc.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip or math.inf)
-        self.optimizer.step()
-        self.schedule.after_step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.epoch_loss += res.terms["loss"].float()
         s.epoch_loss_steps += 1
         return res
@@ -417,12 +456,16 @@ class Trainer:
         test_values, test_latents = evaluate_split(model, cfg, acc, "test")
         values.update(test_values)
         values.update(knn_metric(model, cfg, acc, test_latents))
+        ema = self.ema.module if self.ema is not None else None
+        if ema is not None:  # the same passes on the averaged weights: val_ema/…, test_ema/…
+            for split in (["val"] if self.has_val else []) + ["test"]:
+                values.update(evaluate_split(ema, cfg, acc, split, prefix=f"{split}_ema")[0])
         val_loss = values.get("val/loss")
         self.schedule.after_eval(val_loss)
         values["epoch"] = s.epoch
         self.tracker.log(values, step=s.step, epoch=s.epoch)
         if acc.is_main_process and (s.epoch % cfg.log.figures_every == 0 or last or s.epoch == 1):
-            figs = draw_figures(model, cfg, probe, test_latents, self.manifest.classes, full=last)
+            figs = draw_figures(model, cfg, probe, test_latents, self.manifest.classes, full=last, ema_model=ema)
             self.tracker.log_images(figs, step=s.step, epoch=s.epoch)
         acc.wait_for_everyone()
         self.checkpoints.after_eval(s, val_loss)
@@ -444,6 +487,7 @@ class Trainer:
             "img_per_s": s.images_seen / max(s.train_seconds, 1e-9), "world_size": self.world,
             "mixed_precision": self.mixed_precision, "channels_last": self.channels_last, "compile": self.compiled,
             "peak_rss_mb": vm_hwm_mb(), **self.final_metrics,
+            **self.tracker.health(),  # issue 25 item 6: {"tracker_lost": {"wandb": STEP}} when a tracker was lost mid-run
         }
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.accelerator.print(f"done: step {s.step}; run folder {self.cfg.run_dir} (figures/, metrics.jsonl, wandb/)")

@@ -13,10 +13,11 @@ Everything here is plain torch / scikit-learn: no Accelerator, no W&B.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from einops import rearrange
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
@@ -50,18 +51,29 @@ def _snr(p: Tensor, t: Tensor) -> Tensor:
     return 10.0 * (torch.log10(sig.clamp_min(POWER_FLOOR)) - torch.log10(err.clamp_min(POWER_FLOOR)))
 
 
-def sum_keys() -> tuple[str, ...]:
+def _selected(names: Sequence[str] | None) -> list[str]:
+    """``names`` (each must be registered), or every registered metric when None."""
+    if names is None:
+        return list(METRICS)
+    for name in names:
+        METRICS.get(name, key="eval.metrics")  # UserError naming the known ones
+    return list(names)
+
+
+def sum_keys(names: Sequence[str] | None = None) -> tuple[str, ...]:
     """The keys of :func:`batch_sums` (computed on call: metrics may register after import)."""
-    return ("n_images", *METRICS)
+    return ("n_images", *_selected(names))
 
 
-def batch_sums(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
+def batch_sums(pred: Tensor, target: Tensor, names: Sequence[str] | None = None) -> dict[str, Tensor]:
     """Per-batch sums that add up exactly over batches and ranks: ``n_images`` and, for every
-    registered metric, the sum of its per-image values (0-d float64 tensors on ``pred``'s device).
+    registered metric (or those in ``names``), the sum of its per-image values (0-d float64
+    tensors on ``pred``'s device).
 
     Args:
         pred: reconstructions ``[B, ...]`` (e.g. ``[B, C, H, W]``), values in the data range [0, 1].
         target: clean images, same shape as ``pred``.
+        names: the METRICS entries to compute (``eval.metrics`` picks them); None: all of them.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
@@ -71,7 +83,7 @@ def batch_sums(pred: Tensor, target: Tensor) -> dict[str, Tensor]:
     p = pred.detach().to(torch.float64).flatten(1)
     t = target.detach().to(device=pred.device, dtype=torch.float64).flatten(1)
     sums = {"n_images": torch.tensor(float(p.shape[0]), dtype=torch.float64, device=pred.device)}
-    sums.update({name: fn(p, t).sum() for name, fn in METRICS.items()})
+    sums.update({name: METRICS.get(name)(p, t).sum() for name in _selected(names)})
     return sums
 
 
@@ -79,14 +91,14 @@ def accumulate(total: dict[str, Tensor] | None, sums: dict[str, Tensor]) -> dict
     """Add ``sums`` (from :func:`batch_sums`) into ``total``; ``total=None`` starts a new tally."""
     if total is None:
         return {k: v.clone() for k, v in sums.items()}
-    return {k: total[k] + sums[k] for k in sum_keys()}
+    return {k: total[k] + sums[k] for k in sums}
 
 
-def finalize(sums: dict[str, Tensor], prefix: str) -> dict[str, float]:
+def finalize(sums: dict[str, Tensor], prefix: str, names: Sequence[str] | None = None) -> dict[str, float]:
     """Turn (all-reduced) sums into ``{prefix}/NAME`` means over images for every registered
-    metric (mse, psnr_db, snr_db, ...); NaN when no image was counted."""
+    metric (mse, psnr_db, snr_db, ...) or those in ``names``; NaN when no image was counted."""
     n_img = float(sums["n_images"])
-    return {f"{prefix}/{name}": float(sums[name]) / n_img if n_img > 0 else float("nan") for name in METRICS}
+    return {f"{prefix}/{name}": float(sums[name]) / n_img if n_img > 0 else float("nan") for name in _selected(names)}
 
 
 def mse(pred: Tensor, target: Tensor) -> float:
@@ -138,15 +150,24 @@ def knn_accuracy(
 
 
 def latent_gaussianity(z: Tensor) -> dict[str, float]:
-    """How close latent samples ``z`` ``[N, D]`` are to N(0, I); every value is 0 for a perfect match.
+    """How close latent samples are to N(0, I); every value is 0 for a perfect match.
+
+    Args:
+        z: flat latents ``[N, D]``: N samples of a D-vector. Spatial latents ``[N, C, h, w]`` (any
+            ``[N, C, *positions]``) are pooled per channel: every (image, position) pair is one sample
+            of a C-vector, ``rearrange(z, 'n c ... -> (n ...) c')``, so the statistics are per channel
+            (a KL model's prior is the same N(0, 1) at every position) and the values are those of a
+            C-dim latent. Needs at least 2 samples.
 
     Returns:
         ``mean_norm``: ‖mean(z)‖₂; ``std_dev``: mean over dims of |std_d − 1|;
         ``kl``: KL(N(μ, diag σ²) ‖ N(0, I)) of the fitted diagonal Gaussian, in nats,
         ½ Σ_d (σ_d² + μ_d² − 1 − log σ_d²).
     """
+    if z.dim() > 2:
+        z = rearrange(z, "n c ... -> (n ...) c")
     if z.dim() != 2 or z.shape[0] < 2:
-        raise ValueError(f"expected latents [N>=2, D], got shape {tuple(z.shape)}")
+        raise ValueError(f"expected latents [N, D] or [N, C, h, w] with at least 2 samples, got shape {tuple(z.shape)}")
     x = z.detach().to(torch.float64)
     mu = x.mean(dim=0)
     var = x.var(dim=0, unbiased=True).clamp_min(1e-12)  # floor: a collapsed dim gives a large, finite KL

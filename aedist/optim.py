@@ -8,6 +8,7 @@ would step a prepared scheduler once per process, and here ``data.batch_size`` i
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -65,3 +66,50 @@ class Schedule:
     def load_state_dict(self, state: dict) -> None:
         if self.inner is not None:
             self.inner.load_state_dict(state)
+
+
+class EMA:
+    """Exponential moving average of a model's weights: torch's ``AveragedModel`` with
+    ``get_ema_multi_avg_fn`` (buffers averaged too), updated after every applied optimizer step.
+
+    The averaged copy lives beside the trained model on the same device; it is evaluated as
+    ``val_ema/``, ``test_ema/`` and saved as ``ema.safetensors`` in every checkpoint, which
+    ``launch/evaluate.py`` prefers where present.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.decay = decay
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.averaged.requires_grad_(False)
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged model (same class as the trained one)."""
+        return self.averaged.module
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold the model's current weights in (the first update copies them)."""
+        self.averaged.update_parameters(model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Averaged weights and ``n_averaged``, contiguous (safetensors refuses strided views)."""
+        return {k: v.detach().contiguous() for k, v in self.averaged.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.averaged.load_state_dict(state)
+
+
+def find_ema_state(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The EMA weights a checkpoint holds (the ``custom_checkpoint_N.pkl`` with ``n_averaged``), as a
+    state dict of the model (``module.`` prefix removed); None when the run had no EMA."""
+    for path in sorted(Path(folder).glob("custom_checkpoint_*.pkl")):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001, S112 - a schedule's state may not load weights-only; it is not the EMA
+            continue
+        if isinstance(state, dict) and "n_averaged" in state:
+            return {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
+    return None

@@ -10,24 +10,33 @@ What may change on resume (``config.yaml`` always holds what is used; ``resumes.
   of processes), see :mod:`aedist.data.position`;
 - refused in one line (exit 2), because the run would silently become another experiment: the
   model, the shards, the data limit/normalization/shuffle buffer, the corruptions, the loss, the
-  optimizer and scheduler type, the RNG seed.
+  optimizer and scheduler type, the RNG seed; and shards re-packed in place with other content
+  (same folder, other :func:`data_hash` than the checkpoint records).
+
+Starting a new run from another run's checkpoint (``train.resume=PATH`` outside this run) is
+fine-tuning: it may use other shards, and records theirs from then on.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from aedist.config import read_yaml
 from aedist.errors import UserError
 
+if TYPE_CHECKING:
+    from aedist.data.shards import Manifest
+
 FIXED = ("model.", "data.shards", "data.limit", "data.normalize", "data.shuffle_buffer", "corruption", "loss.",
-         "optim.name", "optim.scheduler", "optim.warmup_steps", "train.seed")
+         "optim.name", "optim.scheduler", "optim.warmup_steps", "train.seed", "objective.", "train.ema_decay")
 LIVE_OPTIM = ("lr", "weight_decay", "momentum")  # written into the restored optimizer's param groups
 
 
@@ -83,6 +92,30 @@ def previous_config(run_dir: Path) -> dict[str, Any] | None:
     """The config.yaml the run last used (None for a new run); a garbled one is a one-line error."""
     path = run_dir / "config.yaml"
     return read_yaml(path, "the run's last config") if path.is_file() else None
+
+
+def data_hash(manifest: Manifest) -> str:
+    """What the shards hold, whatever folder or URL they come from: the content hash the packer
+    recorded (images, labels, class names), else (a streamed folder pack, foreign shards) a hash of
+    every shard's sha256 (or, without one, its name and size) and the class names."""
+    recorded = manifest.source.get("content_sha256")
+    if recorded:
+        return str(recorded)
+    parts = [manifest.classes, [[name, [[s.name, s.sha256 or s.bytes] for s in split.shards]] for name, split in sorted(manifest.splits.items())]]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def check_same_data(started: str, now: str, shards: str, run_dir: Path) -> None:
+    """Refuse, in one line, to resume a run on shards whose content changed since it started (a folder
+    re-packed in place with other classes keeps its path and sample count: nothing else would notice).
+    ``started`` is empty for checkpoints written before the hash was recorded: those are not checked."""
+    if started and started != now:
+        parts = urlsplit(shards)
+        if parts.username or parts.password:  # never print a URL's credentials
+            shards = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+        raise UserError(f"data.shards={shards} holds other data than run {run_dir} started on (content hash {started[:16]} "
+                        f"at the start, {now[:16]} now: re-packed in place?); point data.shards back at the original pack, "
+                        "or start a new run (another run.name, or train.resume=never)")
 
 
 def record_resume(run_dir: Path, entry: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange, reduce, repeat
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -119,6 +120,46 @@ def recon_grid(
     return _show_grid(grid, title, [r for r, _ in rows], _cell_centres(len(rows), h), cols, _cell_centres(len(cols), w))
 
 
+def error_maps(target: Tensor, output: Tensor) -> Tensor:
+    """Per-pixel error |x − x̂| averaged over channels: ``[B, C, H, W]`` twice -> ``[B, H, W]`` (float32, CPU)."""
+    t, o = (torch.as_tensor(v).detach().to("cpu", torch.float32) for v in (target, output))
+    return reduce((t - o).abs(), "b c h w -> b h w", "mean")
+
+
+def heat_rgb(maps: Tensor, vmax: float, cmap: str = "inferno") -> Tensor:
+    """``[B, H, W]`` values on the scale 0..``vmax`` -> RGB ``[B, 3, H, W]`` in [0, 1] through ``cmap`` (clipped)."""
+    rgba = colormaps[cmap](np.clip(maps.numpy() / max(vmax, 1e-12), 0.0, 1.0))
+    return rearrange(torch.from_numpy(rgba[..., :3]).float(), "b h w c -> b c h w")
+
+
+def error_grid(
+    clean: Tensor,
+    outputs: Sequence[tuple[str, Tensor]],
+    nrow: int | None = None,
+    annotate: bool = True,
+    title: str | None = None,
+) -> np.ndarray:
+    """Rows: ``clean`` (the input), each named output, then each output's error map |clean − output|
+    (mean over channels, :func:`error_maps`) as an inferno heat map, all on one scale 0..max error shown,
+    so that maps of two models (raw and EMA) compare by colour.
+
+    Args:
+        clean: ``[B, C, H, W]`` in [0, 1]; outputs: ``(label, [B, C, H, W])`` pairs, e.g. ``[("recon", x_hat)]``.
+        annotate: False returns the bare ``make_grid`` pixels (grey images repeated to RGB).
+    """
+    n = min(len(clean), nrow or len(clean))
+    imgs = [torch.as_tensor(x[:n]).detach().to("cpu", torch.float32).clamp(0, 1) for x in (clean, *(o for _, o in outputs))]
+    errs = [error_maps(imgs[0], o) for o in imgs[1:]]
+    vmax = max(float(e.max()) for e in errs)
+    rgb = [repeat(x, "b 1 h w -> b c h w", c=3) if x.shape[1] == 1 else x for x in imgs]  # one channel count per grid
+    grid = image_grid(torch.cat([*rgb, *(heat_rgb(e, vmax) for e in errs)]), nrow=n)
+    if not annotate:
+        return grid
+    labels = ["input", *(name for name, _ in outputs), *(f"|err| {name}" for name, _ in outputs)]
+    head = title or "Reconstructions and |x - x_hat|"
+    return _show_grid(grid, f"{head} (mean over channels; black 0 to yellow {vmax:.3g})", labels, _cell_centres(len(labels), clean.shape[-2]))
+
+
 def _project(z: np.ndarray, method: str, dims: int, seed: int) -> tuple[np.ndarray, list[str], str]:
     """``[N, D]`` -> ``[N, dims]``, axis names and method: direct when D == dims, else PCA or t-SNE."""
     d = z.shape[1]
@@ -161,11 +202,14 @@ def latent_scatter(
     """Scatter of latents ``z`` ``[N, D]`` coloured by ``labels`` ``[N]`` with a class legend.
 
     ``method``: "auto" plots D == dims directly and projects larger D with PCA; "pca" or "tsne"
-    force a projection (sklearn). ``dims`` is 2 or 3.
+    force a projection (sklearn). ``dims`` is 2 or 3. Spatial latents ``[N, C, h, w]`` are flattened
+    to ``[N, C·h·w]`` vectors first, and the default title says so.
     """
     if dims not in (2, 3):
         raise ValueError(f"dims must be 2 or 3, got {dims}")
-    zz = torch.as_tensor(z).detach().to("cpu", torch.float64).reshape(len(z), -1).numpy()
+    zt = torch.as_tensor(z).detach().to("cpu", torch.float64)
+    zz = rearrange(zt, "n ... -> n (...)").numpy()
+    flat = "" if zt.dim() <= 2 else f"{'x'.join(map(str, zt.shape[1:]))} flattened to "
     y = torch.as_tensor(labels).detach().cpu().numpy().ravel()
     pts, axis_names, how = _project(zz, method, dims, seed)
     classes = np.unique(y)
@@ -178,7 +222,7 @@ def latent_scatter(
     for setter, name in zip((ax.set_xlabel, ax.set_ylabel, getattr(ax, "set_zlabel", None)), axis_names):
         setter(name)
     fig.legend(loc="center left", bbox_to_anchor=(0.77, 0.5), markerscale=2, frameon=False, title="class")
-    ax.set_title(title or f"Latent space, D={zz.shape[1]} ({how}), N={len(y)}")
+    ax.set_title(title or f"Latent space, {flat}D={zz.shape[1]} ({how}), N={len(y)}")
     return fig_to_array(fig)
 
 

@@ -20,6 +20,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--json", help="also write rows and ratios to this JSON file")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per case, the median kept (train: interleaved rounds, at most 3, the best kept)")
     parser.add_argument("--shards", default=None, help="shards folder to read (default: the suite's own)")
+    parser.add_argument("--only", nargs="+", default=None, help="train suite: just these models (seed000 seed000-rotated stl10 kl-f4)")
     args = parser.parse_args(argv)
     rows, ratios = importlib.import_module(f"aedist.benchmarks.{args.suite}").run(args)
     width = max(len(r["case"]) for r in rows)

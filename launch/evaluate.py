@@ -1,6 +1,6 @@
 """Evaluate a run's newest complete checkpoint: metrics to eval.json, figures to figures/ and W&B.
 
-    python launch/evaluate.py runs/fashion_rotated [--split test] [--checkpoint best]
+    python launch/evaluate.py runs/fashion_rotated [--split test] [--checkpoint best] [--weights auto|ema|raw]
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--split", default="test", choices=["test", "val"], help="split to measure")
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder name (default: newest complete step-N)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
+    parser.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
+                        help="auto = the EMA weights where the run kept them (train.ema_decay > 0), else raw")
     args = parser.parse_args(argv)
 
     from aedist.evaluation.run import evaluate_run
 
-    out = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, wandb=not args.no_wandb)
+    out = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, wandb=not args.no_wandb, weights=args.weights)
     print(f"wrote {out}")
     return 0
 

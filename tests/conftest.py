@@ -48,3 +48,29 @@ def run_py() -> Callable[..., subprocess.CompletedProcess]:
     """Run a Python entry point of the project as a user would (W&B offline), capturing its output:
     ``run_py(["launch/train.py", "--config", cfg], env={...})``."""
     return _run_py
+
+
+ACCEL_2 = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+@pytest.fixture
+def train(run_py: Callable[..., subprocess.CompletedProcess]) -> Callable[..., subprocess.CompletedProcess]:
+    """``train(cfg, *overrides, procs=1|2, env=...)``: launch/train.py as a user runs it (2 = two gloo processes)."""
+
+    def run(cfg: Path, *extra: str, procs: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        args = ([*ACCEL_2] if procs == 2 else []) + ["launch/train.py", "--config", str(cfg), *extra]
+        return run_py(args, env=env)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards to serve over HTTP: 8 train shards of 24 samples (3x6x6, labels = unique ids) and one test shard."""
+    from aedist.data import write_shards
+
+    out = tmp_path_factory.mktemp("shards") / "s"
+    x = np.random.default_rng(0).integers(0, 256, (192, 3, 6, 6), dtype=np.uint8)
+    write_shards(out, {"train": (x, np.arange(192)), "test": (x[:10], np.arange(10))}, ["a"], samples_per_block=8, blocks_per_shard=3)
+    return out

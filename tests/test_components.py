@@ -35,9 +35,9 @@ def test_registry_rejects_duplicates_and_names_what_exists() -> None:
 
 
 @pytest.mark.parametrize("registry, expected", [
-    (MODELS, {"conv_ae", "conv_vae", "mlp_ae", "mlp_vae"}), (LOSSES, {"mse", "bce"}),
+    (MODELS, {"conv_ae", "conv_vae", "mlp_ae", "mlp_vae", "diffusers_kl"}), (LOSSES, {"mse", "l1", "bce"}),
     (CORRUPTIONS, {"rotate", "rot90", "jigsaw", "gaussian_noise", "copies"}),
-    (FIGURES, {"recon", "samples", "latent", "interpolation", "rotation_panel", "prior_samples"}),
+    (FIGURES, {"recon", "recon_error", "recon_ema", "samples", "latent", "interpolation", "rotation_panel", "prior_samples"}),
     (METRICS, {"mse", "psnr_db", "snr_db"}),
 ])
 def test_each_extension_point_registers_its_entries(registry: Registry, expected: set[str]) -> None:
@@ -45,8 +45,8 @@ def test_each_extension_point_registers_its_entries(registry: Registry, expected
 
 
 def test_unknown_loss_is_a_config_error_not_a_silent_mse() -> None:
-    with pytest.raises(UserError, match="config key 'loss.name': unknown loss 'l1'"):
-        load_config("configs/debug.yaml", ["loss.name=l1"])
+    with pytest.raises(UserError, match="config key 'loss.name': unknown loss 'l2'"):
+        load_config("configs/debug.yaml", ["loss.name=l2"])
 
 
 def test_corruption_that_does_not_fit_the_images_is_refused_before_training() -> None:

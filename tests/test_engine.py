@@ -21,8 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RunFn = Callable[..., subprocess.CompletedProcess]  # the run_py / train fixtures
 
 pytestmark = pytest.mark.slow
-ACCEL_2 = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
 
 
 def write_config(tmp: Path, shards: Path, name: str, **sections: dict) -> Path:
@@ -50,17 +48,6 @@ def weights(run: Path, ckpt: str | None = None) -> dict[str, torch.Tensor]:
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
-@pytest.fixture
-def train(run_py: RunFn) -> Callable[..., subprocess.CompletedProcess]:
-    """``train(cfg, *overrides, procs=1|2, env=...)``: launch/train.py as a user runs it."""
-
-    def run(cfg: Path, *extra: str, procs: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        args = ([*ACCEL_2] if procs == 2 else []) + ["launch/train.py", "--config", str(cfg), *extra]
-        return run_py(args, env=env)
-
-    return run
 
 
 @pytest.mark.parametrize("precision, accum, tol", [("no", 1, 1e-6), ("no", 2, 1e-6), ("bf16", 1, 2e-2)])
@@ -114,16 +101,21 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.01)
 
 
+def start_and_kill(cfg: Path, run: Path, step: int) -> None:
+    """Start ``launch/train.py`` on ``cfg`` and SIGKILL it once checkpoint ``step-N`` of ``run`` is complete."""
+    proc = _start(cfg)
+    _wait_for(run / f"checkpoints/step-{step}/COMPLETE", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
     ref = _slow_resumable(tmp_path, tiny_shards, "ref")
     assert train(ref).returncode == 0
     cfg = _slow_resumable(tmp_path, tiny_shards, "killed")
-    proc = _start(cfg)
     run = tmp_path / "runs/killed"
-    _wait_for(run / "checkpoints/step-40/COMPLETE", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+    start_and_kill(cfg, run, 40)
     resumed = train(cfg)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())

@@ -27,7 +27,7 @@ from aedist.config import load_config
 from aedist.engine import Trainer
 cfg = load_config(None, ["data.shards={tiny_shards}", "run.dir={tmp_path}", "run.name=ext", "data.batch_size=32",
     "train.max_steps=2", "log.wandb=disabled", "train.compile=false", "model.name=tiny_mlp_ae", "model.params={{width: 32}}",
-    "loss.name=l1", "corruption=[{{invert: {{p: 0.5}}}}]", "model.latent_dim=4"])
+    "loss.name=huber", "corruption=[{{invert: {{p: 0.5}}}}]", "model.latent_dim=4", "eval.metrics=[mse, mae]"])
 assert Trainer(cfg).fit() == 0
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600)

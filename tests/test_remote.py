@@ -30,16 +30,6 @@ def quick_retries(monkeypatch):
     monkeypatch.setattr(remote, "BACKOFF_S", 0.05)
 
 
-@pytest.fixture(scope="module")
-def local(tmp_path_factory) -> Path:
-    """8 train shards of 24 samples (3x6x6, labels = unique ids) and one test shard."""
-    out = tmp_path_factory.mktemp("shards") / "s"
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (192, 3, 6, 6), dtype=np.uint8)
-    S.write_shards(out, {"train": (x, np.arange(192)), "test": (x[:10], np.arange(10))}, ["a"], samples_per_block=8, blocks_per_shard=3)
-    return out
-
-
 class Handler(http.server.SimpleHTTPRequestHandler):
     """The standard library's file server, counting GETs, with Range support and injectable failures."""
 
@@ -204,11 +194,13 @@ def test_cache_is_bounded_least_recently_read_go_first(local, serve, tmp_path):
     order = m.split("train").shards
     for s in order:
         S.fetch_shard(m, s)
+        S.release_shard(m, s)  # read and done with: evictable (a pinned shard never is: test_remote_security.py)
     cached = sorted(p.name for p in m.root.glob("*.tar"))
     assert cached == [s.name for s in order[-3:]]
     assert sum(p.stat().st_size for p in m.root.glob("*.tar")) <= bound_gb * 2**30
-    S.fetch_shard(m, order[-3])  # read again: now the most recent
-    S.fetch_shard(m, order[0])
+    for s in (order[-3], order[0]):  # order[-3] read again: now the most recent
+        S.fetch_shard(m, s)
+        S.release_shard(m, s)
     assert sorted(p.name for p in m.root.glob("*.tar")) == sorted([order[-3].name, order[-1].name, order[0].name])
 
 

@@ -1,13 +1,17 @@
 """Train suite: the seed's plain fp32 loop vs the engine, for seed 000 and the STL10 model.
 
-    python launch/benchmark.py train [--json FILE] [--shards shards/fashion4] [--repeats N]
+    python launch/benchmark.py train [--json FILE] [--shards shards/fashion4] [--repeats N] [--only kl-f4]
 
 Models: seed 000's conv AE (195,459 params) as the baseline trains it (``configs/seeds/
 fashion_baseline.yaml``: batch 64 of 1x28x28, real Fashion-MNIST classes 1,3,5,8) and as the
 rotation-trained variant trains it (``fashion_rotated.yaml``: each image plus 5 rotated copies =
 384 inputs a step, the batch the issue's table measured), and seed 001's 27.4M-parameter STL10 AE
 (``configs/seeds/stl10_compress.yaml``: batch 64 of 3x96x96; synthetic images, since STL10 cannot
-be downloaded here and pixel values do not change the arithmetic). Cases, each in its own process
+be downloaded here and pixel values do not change the arithmetic), and the latent-diffusion recipe
+``configs/recipes/kl_f4.yaml`` (diffusers AutoencoderKL, f=4, batch 16 of synthetic 3x64x64, L1 +
+beta KL, EMA on), whose extra case ``engine + lpips_gan`` takes the same step with the PatchGAN
+discriminator on from step 1 (both networks' forward and backward, the adaptive weight's two
+gradients). Cases, each in its own process
 (so peak RSS is its own):
 
 - ``plain``: the seed's loop in fp32: a DataLoader over an in-memory TensorDataset (for the
@@ -62,18 +66,25 @@ class Bench:
     config: str
     steps: int
     window: int
+    engine_cases: tuple[str, ...] = ("engine defaults", "engine defaults + compile", "engine fp32")
+    rounds: int = 3  # at most; --repeats lowers it
 
 
 BENCHES = [
     Bench("seed000", "configs/seeds/fashion_baseline.yaml", steps=400, window=50),  # ~25-35 ms a step here
     Bench("seed000-rotated", "configs/seeds/fashion_rotated.yaml", steps=150, window=25),  # ~0.15-0.3 s a step
     Bench("stl10", "configs/seeds/stl10_compress.yaml", steps=12, window=2),  # ~3-7 s a step here: few steps
+    # The latent-diffusion recipe (diffusers AutoencoderKL, f=4) with its reconstruction objective, and the
+    # same model and step under lpips_gan with the discriminator on from step 1 (perceptual weight 0:
+    # no LPIPS weights on an offline machine; the README gives LPIPS's own cost apart).
+    Bench("kl-f4", "configs/recipes/kl_f4.yaml", steps=16, window=4, engine_cases=("engine defaults", "engine fp32", "engine + lpips_gan"), rounds=1),
 ]
 MAX_ROUNDS = 3  # interleaved rounds per model (STL10's five cases take ~6 min a round here)
 ENGINE_CASES = {
     "engine defaults": [],
     "engine defaults + compile": ["train.compile=true"],
     "engine fp32": ["train.mixed_precision=no", "train.channels_last=false", "train.compile=false"],
+    "engine + lpips_gan": ["objective.name=lpips_gan", "objective.params={perceptual_weight: 0.0, disc_start: 0}"],
 }
 STL10_IMAGES = 1024  # synthetic train images: an epoch (16 steps) outlasts the run, so no epoch-end eval or checkpoint
 
@@ -103,12 +114,12 @@ def _plain(config: str, shards: str, steps: int, window: int, fast: bool = False
     """The seed's fp32 loop for ``config``'s model on ``shards`` (``fast``: bf16 autocast + channels_last);
     steady inputs/s and peak RSS."""
     import torch
-    from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
     from aedist.config import load_config
     from aedist.data import load_batches
     from aedist.data.corruption import corrupt, make_generator
+    from aedist.losses import compute_loss
     from aedist.models import build_model
 
     cfg = load_config(ROOT / config)
@@ -116,12 +127,12 @@ def _plain(config: str, shards: str, steps: int, window: int, fast: bool = False
     # are plenty for shuffled batches and keep the baseline's RSS about the loop, not the data.
     xs = [x for x, _ in load_batches(shards, "train", 4096, shuffle=False, drop_last=False, limit=4096)]
     clean = torch.cat(xs).float() / 255.0
+    clean = clean * 2 - 1 if cfg.data.normalize else clean
     inputs, targets, _ = corrupt(clean, cfg.corruption, make_generator(0, 0, 0, "cpu")) if cfg.corruption else (clean, clean, {})
     batch = cfg.data.batch_size * (len(inputs) // len(clean))
     torch.manual_seed(0)
     model = build_model(cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    loss_fn = nn.MSELoss()
     layout = torch.channels_last if fast else torch.contiguous_format
     model = model.to(memory_format=layout)
     loader = DataLoader(TensorDataset(inputs, targets), batch_size=batch, shuffle=True, drop_last=True)
@@ -130,8 +141,8 @@ def _plain(config: str, shards: str, steps: int, window: int, fast: bool = False
     while done < steps:
         for x, y in loader:
             with torch.autocast("cpu", torch.bfloat16, enabled=fast):
-                recon = model(x.contiguous(memory_format=layout)).recon
-            loss = loss_fn(recon.float(), y)
+                out = model(x.contiguous(memory_format=layout))
+            loss = compute_loss(out, y, cfg.loss)["loss"]  # the seeds' MSE; L1 + beta * KL for the KL recipe
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -201,16 +212,16 @@ def _fashion4(shards: str | None) -> str:
     return str(Path(out) if Path(out).is_absolute() else ROOT / out)
 
 
-def _stl10_synthetic(tmp: Path) -> str:
+def _synthetic(tmp: Path, name: str, size: int) -> str:
     import numpy as np
 
     from aedist.data.shards import write_shards
 
     rng = np.random.default_rng(0)
-    splits = {name: (rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8), rng.integers(0, 2, n).astype(np.int64))
-              for name, n in (("train", STL10_IMAGES), ("test", 64))}
-    write_shards(tmp / "stl10", splits, ["a", "b"], source={"dataset": "synthetic stl10 (benchmark)"})
-    return str(tmp / "stl10")
+    splits = {split: (rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8), rng.integers(0, 2, n).astype(np.int64))
+              for split, n in (("train", STL10_IMAGES), ("test", 64))}
+    write_shards(tmp / name, splits, ["a", "b"], source={"dataset": f"synthetic 3x{size}x{size} (benchmark)"})
+    return str(tmp / name)
 
 
 # ----------------------------------------------------------------------------- the suite
@@ -227,15 +238,15 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
     rounds = max(1, min(getattr(args, "repeats", MAX_ROUNDS), MAX_ROUNDS))
     print(f"load average at start: {_load()}; {rounds} interleaved round(s) per model", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        fashion = _fashion4(args.shards)
-        data = {"seed000": fashion, "seed000-rotated": fashion, "stl10": _stl10_synthetic(Path(tmp))}
-        for bench in BENCHES:
+        fashion = _fashion4(args.shards) if not getattr(args, "only", None) or {"seed000", "seed000-rotated"} & set(args.only) else ""
+        data = {"seed000": fashion, "seed000-rotated": fashion, "stl10": _synthetic(Path(tmp), "stl10", 96), "kl-f4": _synthetic(Path(tmp), "kl", 64)}
+        for bench in [b for b in BENCHES if not getattr(args, "only", None) or b.key in args.only]:
             shards, growth = data[bench.key], _growth(bench.config)
             what = f"{bench.key} ({Path(bench.config).stem}, {_batch(bench) * growth} inputs/step, {bench.steps} steps)"
             # the bare loop on the fast path, where the CPU runs bf16 natively (the engine's own rule)
-            cases = ["plain", *(["plain fast path"] if cpu_supports_bf16() else []), *ENGINE_CASES]
+            cases = ["plain", *(["plain fast path"] if cpu_supports_bf16() else []), *bench.engine_cases]
             runs: dict[str, list[dict]] = {c: [] for c in cases}
-            for r in range(rounds):
+            for r in range(min(rounds, bench.rounds)):
                 for case in cases[r % len(cases):] + cases[:r % len(cases)]:
                     if case.startswith("plain"):
                         res = _plain_in_child(bench.config, shards, bench.steps, bench.window, fast=case != "plain")
@@ -248,13 +259,16 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
             for case, res in results.items():
                 rows.append(row("train", f"{what} {case}: {res['settings']}", res["img_per_s"], res["peak_rss_mb"]))
             plain = results["plain"]["img_per_s"]
-            for case in ENGINE_CASES:
+            for case in bench.engine_cases:
                 ratios[f"{bench.key} {case}/plain"] = results[case]["img_per_s"] / plain
+            if "engine + lpips_gan" in results:
+                ratios[f"{bench.key} lpips_gan step/reconstruction step (engine defaults)"] = (
+                    results["engine + lpips_gan"]["img_per_s"] / results["engine defaults"]["img_per_s"])
             if "plain fast path" in results:
                 ceiling = results["plain fast path"]["img_per_s"]
                 ratios[f"{bench.key} plain fast path/plain (what the hardware gives the bare loop)"] = ceiling / plain
                 ratios[f"{bench.key} engine defaults/plain fast path (share of it the engine keeps)"] = results["engine defaults"]["img_per_s"] / ceiling
-            for r, res in enumerate(runs["engine defaults + compile"]):
+            for r, res in enumerate(runs.get("engine defaults + compile", [])):
                 # Round 1 compiles into an empty Inductor cache; later rounds find its code there, as
                 # a resumed run does (the FX-graph and AOTAutograd caches are on by default).
                 ratios[f"{bench.key} compile warm-up s, round {r + 1} ({'cold' if r == 0 else 'warm'} cache)"] = res["warmup_s"]

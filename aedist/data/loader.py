@@ -90,6 +90,7 @@ class _Reader:
         self.files: dict[int, Any] = {}
         self.offsets: dict[int, list[tuple[int, int]]] = {}
         self.foreign: tuple[int, tuple[np.ndarray, np.ndarray]] | None = None
+        self.fetched: set[int] = set()  # a URL's shards stay pinned in the cache (not evicted) until close()
         self.sample_bytes = int(np.prod(m.shape))
 
     def check(self, si: int) -> None:
@@ -97,7 +98,9 @@ class _Reader:
         if si in self.offsets:
             return
         shard = self.shards[si]
-        S.fetch_shard(self.m, shard)  # a URL's shard: into the local cache (m.root) on first use; no-op for a folder
+        if si not in self.fetched:
+            S.fetch_shard(self.m, shard)  # a URL's shard: into the local cache (m.root) on first use; no-op for a folder
+            self.fetched.add(si)
         if self.m.layout == "samples":
             if not (self.m.root / shard.name).is_file():
                 raise UserError(f"shard {self.m.root / shard.name} is missing")
@@ -132,6 +135,9 @@ class _Reader:
         for fh in self.files.values():
             fh.close()
         self.files.clear()
+        for si in self.fetched:
+            S.release_shard(self.m, self.shards[si])
+        self.fetched.clear()
 
 
 def load_batches(

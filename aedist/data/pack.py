@@ -318,7 +318,7 @@ def pack_folder(
     files, names, src = plan_folder(listing, classes, val_fraction, seed)
     if not any(files.values()):
         raise UserError(f"no images ({', '.join(sources.FOLDER_EXTS)}) in the class folders of {listing.root}")
-    src.update(size=size, channels=channels)
+    src.update(size=size, channels=channels, decode=sources.DECODE_VERSION)  # a pack by an older decoder is another dataset
     settings = {"samples_per_block": samples_per_block, "blocks_per_shard": blocks_per_shard, "seed": seed}
     units = _units(files, samples_per_block * blocks_per_shard)
     plan = {"source": src, "settings": settings, "classes": names, "shape": [channels, size, size], "splits": list(files),

@@ -12,8 +12,10 @@ at pack time (seeded). ``manifest.json`` records shape, classes, per-shard block
 sha256, and a ``source`` description (with a content hash) that tells a re-pack of the same data (a
 no-op) from a different dataset (an error unless ``force``).
 
-A manifest read from a URL has ``root`` = its local cache folder and ``url`` set; :func:`fetch_shard`
-brings a shard into that folder (downloaded and sha256-checked on first use) and returns its path.
+A manifest read from a URL has ``root`` = its local cache folder and ``url`` set (without credentials:
+remote.py keeps those); :func:`fetch_shard` brings a shard into that folder (downloaded and
+sha256-checked on first use), pins it there until :func:`release_shard`, and returns its path.
+Every shard name a manifest gives, local or remote, must be a plain file name (remote.check_name).
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class Manifest:
     root: Path = Path(".")
     """Folder holding the shards: the shards folder itself, or the local cache of a URL."""
     url: str = ""
-    """The http(s)://… (or other fsspec) URL the manifest was read from; empty for a local folder."""
+    """The http(s)://… (or other fsspec) URL the manifest was read from, without credentials; empty for a local folder."""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -87,8 +89,16 @@ class Manifest:
         return {"format": FORMAT, **d, "shape": list(self.shape)}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], root: Path) -> Manifest:
+    def from_json(cls, d: dict[str, Any], root: Path, where: str = "") -> Manifest:
+        """The manifest ``d`` (parsed JSON) of the folder ``root``; ``where`` names it in errors (default root/manifest.json).
+
+        A shard name that is not a plain file name is a UserError: names become paths under ``root``
+        that the URL cache downloads into, so ``../x`` or ``/x`` would write anywhere.
+        """
         splits = {k: SplitInfo(v["num_samples"], [ShardInfo(**s) for s in v["shards"]]) for k, v in d["splits"].items()}
+        for sp in splits.values():
+            for sh in sp.shards:
+                remote.check_name(sh.name, where or str(root / MANIFEST))
         keys = ("source", "dtype", "samples_per_block", "blocks_per_shard", "seed", "layout", "version")
         return cls(tuple(d["shape"]), list(d["classes"]), splits, root=root, **{k: d[k] for k in keys if k in d})
 
@@ -278,7 +288,7 @@ def read_manifest(shards_dir: str | Path, *, cache_dir: str | Path | None = None
     name no cache (``load_batches`` makes those) use the cache the last call that named one chose.
     """
     if remote.is_url(shards_dir):
-        url = str(shards_dir).rstrip("/")
+        url = remote.register_url(str(shards_dir))  # without user:password@ from here on; remote.py keeps them
         if cache_dir is None and cache_max_gb is None and url in _URL_CACHE:
             return _read_remote(url, *_URL_CACHE[url])  # later calls without a cache (load_batches) use the first one's
         _URL_CACHE[url] = remote.resolve_cache(cache_dir, cache_max_gb)
@@ -334,11 +344,11 @@ def _read_remote(url: str, cache_dir: Path, max_gb: float) -> Manifest:
     if key not in _MANIFESTS:
         text = remote.fetch_manifest(url, folder)
         try:
-            m = Manifest.from_json(json.loads(text), folder)
+            m = Manifest.from_json(json.loads(text), folder, remote.shown(remote.join(url, MANIFEST)))
         except (ValueError, KeyError, TypeError) as err:
-            raise UserError(f"{remote.join(url, MANIFEST)} is not an aedist manifest ({err})") from None
+            raise UserError(f"{remote.shown(remote.join(url, MANIFEST))} is not an aedist manifest ({err})") from None
         if m.layout != "blocks":
-            raise UserError(f"{url}: only block shards made by launch/pack.py can be read from a URL")
+            raise UserError(f"{remote.shown(url)}: only block shards made by launch/pack.py can be read from a URL")
         m.url = url
         _MANIFESTS[key] = m
     _CACHE_BOUND[url] = max_gb
@@ -347,7 +357,11 @@ def _read_remote(url: str, cache_dir: Path, max_gb: float) -> Manifest:
 
 def fetch_shard(m: Manifest, shard: ShardInfo) -> Path:
     """Local path of ``shard``: in the folder itself, or (URL manifests) in the cache, downloaded and
-    sha256-checked on first use; a second epoch or another process on the node reads it from disk."""
+    sha256-checked on first use; a second epoch or another process on the node reads it from disk.
+
+    A URL's shard stays pinned in the cache (no process of the node evicts it) until
+    :func:`release_shard`; each call needs one release.
+    """
     path = m.root / shard.name
     if not m.url:
         return path
@@ -355,6 +369,12 @@ def fetch_shard(m: Manifest, shard: ShardInfo) -> Path:
     st = path.stat()
     _VERIFIED[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = True  # fetch checked its sha256: verify_shard need not
     return path
+
+
+def release_shard(m: Manifest, shard: ShardInfo) -> None:
+    """Undo one :func:`fetch_shard`: the reader is done with it, so the cache may evict it (no-op for a folder)."""
+    if m.url:
+        remote.unpin(m.root / shard.name)
 
 
 def _scan_foreign(root: Path) -> Manifest:

@@ -14,12 +14,15 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from einops import rearrange
 
 from aedist.errors import UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -28,7 +31,7 @@ MNIST_CLASSES = [str(i) for i in range(10)]
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 SYSTEM_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-FOLDER_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FOLDER_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 # Colored MNIST: one base colour per class (RGB in [0, 1]), jittered per image.
 PALETTE = np.array([
@@ -182,20 +185,87 @@ def list_folder(source: str | Path) -> FolderListing:
     return FolderListing(root, classes, splits, h.hexdigest())
 
 
-def load_image(path: str | Path, size: int, channels: int = 3) -> np.ndarray:
-    """Decode one image to uint8 [channels, size, size]: the centred square of its shorter side, resized.
+# What the folder decoder does to pixels; part of a folder pack's source description, so a pack made by
+# an older decoder is another dataset (re-packed with --force), never silently kept as "already packed".
+# 1: PIL's convert(), which saturated 16-bit images to 0/255, dropped alpha and ignored EXIF orientation.
+DECODE_VERSION = 2
+_GREY16 = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _composite(arr: np.ndarray, background: Literal["black", "white"]) -> np.ndarray:
+    """[H, W, C+1] colour + straight alpha (uint8) -> [H, W, C] over an opaque black or white background."""
+    colour, alpha = arr[..., :-1].astype(np.uint32), arr[..., -1:].astype(np.uint32)
+    under = 0 if background == "black" else 255 * (255 - alpha)
+    return ((colour * alpha + under + 127) // 255).astype(np.uint8)  # rounded; c*a/255 never ends in .5
+
+
+def to_8bit(img: Image.Image, channels: int, background: Literal["black", "white"] = "black") -> Image.Image:
+    """Any mode a user's folder may hold as an 8-bit ``L`` (channels=1) or ``RGB`` (channels=3) image.
+
+    PIL's own ``convert`` clips 16- and 32-bit values to 0..255 (a 16-bit PNG becomes black and white) and
+    drops alpha, keeping whatever colour transparent pixels happen to store; instead:
+
+    - 16-bit greyscale (``I;16``, ``I;16B``, ``I;16L``): scaled by 255/65535, rounded;
+    - 32-bit integer ``I`` (TIFF, old Pillow's 16-bit PNG): read as 16-bit, so its values must lie in
+      0..65535 (else ValueError: the range is unknown, convert the file to 8 or 16 bits);
+    - 32-bit float ``F`` (TIFF): assumed in [0, 1], clipped to it (NaN -> 0), times 255, rounded;
+    - alpha (``RGBA``, ``LA``, ``PA``, and ``P`` with a transparent palette entry): composited over an
+      opaque ``background``, black by default (a transparent pixel is 0, like the empty background
+      of MNIST-style data);
+    - ``CMYK``: R = (255 - C)(255 - K)/255 (likewise G, B), rounded, whatever Pillow version;
+    - ``1``, ``P``, ``L``, ``RGB``, ``YCbCr`` …: Pillow's conversion (exact for these).
+
+    Grey becomes RGB by repeating it; RGB becomes grey by ITU-R 601 luma (Pillow's ``L``). 16-bit RGB
+    PNGs arrive from Pillow already as 8-bit ``RGB`` (the high byte of each value).
+    """
+    from PIL import Image
+
+    target = {1: "L", 3: "RGB"}[channels]
+    mode = img.mode
+    if mode in _GREY16 or mode == "I":
+        a = np.asarray(img)  # honours the byte order of I;16B
+        if mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"32-bit integer image with values {a.min()}..{a.max()}, outside the 16-bit range 0..65535 "
+                             "this packer assumes; convert it to 8 or 16 bits")
+        img = Image.fromarray(((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8), "L")  # exact rounding: no ties
+    elif mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0)
+        img = Image.fromarray(np.rint(np.clip(a, 0.0, 1.0) * 255).astype(np.uint8), "L")
+    elif mode == "CMYK":
+        a = np.asarray(img).astype(np.uint32)
+        img = Image.fromarray((((255 - a[..., :3]) * (255 - a[..., 3:]) + 127) // 255).astype(np.uint8), "RGB")
+    else:
+        if mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        elif mode in ("PA", "RGBa", "RGBX"):
+            img = img.convert("RGBA" if mode != "RGBX" else "RGB")
+        elif mode == "La":
+            img = img.convert("LA")
+        if img.mode in ("RGBA", "LA"):
+            img = Image.fromarray(_composite(np.asarray(img), background).squeeze(-1) if img.mode == "LA"
+                                  else _composite(np.asarray(img), background), img.mode[:-1])
+    return img if img.mode == target else img.convert(target)
+
+
+def load_image(path: str | Path, size: int, channels: int = 3, background: Literal["black", "white"] = "black") -> np.ndarray:
+    """Decode one image to uint8 [channels, size, size]: turned upright by its EXIF orientation, converted
+    to 8 bits by :func:`to_8bit` (16-bit, float, alpha over ``background``, CMYK …), then the centred
+    square of its shorter side, resized.
 
     JPEGs are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, as ``Image.thumbnail`` does) when
     that still leaves at least ``size`` pixels per side: several times faster for photos much larger than
     ``size``. Raises whatever PIL raises for an unreadable file (UnidentifiedImageError, OSError for a
-    truncated one, DecompressionBombError …); callers decide whether to skip or stop.
+    truncated one, DecompressionBombError …) and ValueError for values out of the assumed range;
+    callers decide whether to skip or stop.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    mode = {1: "L", 3: "RGB"}[channels]
     with Image.open(path) as img:
-        img.draft(mode, (size, size))
-        img = img.convert(mode)  # loads the pixels: a truncated file fails here
+        img.draft({1: "L", 3: "RGB"}[channels], (size, size))
+        img.load()  # a truncated file fails here
+        # A camera stores the sensor's pixels and an orientation tag; the image as shown is what to learn.
+        img = ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img
+        img = to_8bit(img, channels, background)
     w, h = img.size
     side = min(w, h)
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
@@ -219,7 +289,7 @@ def read_folder(source: str | Path, size: int = 96, *, channels: int = 3) -> Raw
             except Exception as err:  # PIL raises many types for bad files
                 raise UserError(f"unreadable image {listing.root / rel} ({type(err).__name__}: {err})") from None
         splits[split] = (images, np.array([ci for _, ci in files], dtype=np.int64))
-    src = {"dataset": "folder", "path": str(listing.root.resolve()), "size": size, "channels": channels}
+    src = {"dataset": "folder", "path": str(listing.root.resolve()), "size": size, "channels": channels, "decode": DECODE_VERSION}
     return RawDataset(splits, listing.classes, src)
 
 

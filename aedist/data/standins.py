@@ -1,6 +1,6 @@
 """A 96x96 photo stand-in for STL10 where it cannot be downloaded (no internet on the build machines).
 
-    python -m aedist.data.standins data/photo96 [N_TRAIN N_VAL N_TEST]   # data/photo96/{train,val,test}/<photo>/*.png
+    python -m aedist.data.standins data/photo96 [N_TRAIN N_VAL N_TEST [SIZE]]   # data/photo96/{train,val,test}/<photo>/*.png
     python launch/pack.py folder --source data/photo96 --size 96 --out shards/photo96
 
 Random crops, at random scales and flips, of every natural photograph the installed packages ship:
@@ -79,6 +79,6 @@ def write_photo_crops(out: str | Path, n_train: int = 2000, n_val: int = 200, n_
 
 
 if __name__ == "__main__":
-    # python -m aedist.data.standins OUT [N_TRAIN N_VAL N_TEST]
+    # python -m aedist.data.standins OUT [N_TRAIN N_VAL N_TEST [SIZE]]
     args = sys.argv[1:]
-    print(write_photo_crops(args[0] if args else "data/photo96", *(int(a) for a in args[1:4])))
+    print(write_photo_crops(args[0] if args else "data/photo96", *(int(a) for a in args[1:5])))

@@ -6,6 +6,10 @@ A figure is ``fn(ctx) -> {key: HxWx3 uint8 array}`` (empty when it does not appl
     def my_figure(ctx: FigureContext) -> dict[str, np.ndarray]:
         return {"figures/my_figure": visuals.image_grid(ctx.recon(ctx.x[:8]), nrow=8)}
 
+Latents may be flat ``[B, D]`` or spatial ``[B, C, h, w]`` (``model.latent_shape``): the scatter
+flattens them, interpolation and prior samples work on any shape, the decoded latent plane needs
+``latent_shape == (2,)``. ``recon_ema`` appears only when an EMA model is passed to :func:`draw_figures`.
+
 The engine draws them every ``log.figures_every`` epochs (``ctx.full`` adds the slow t-SNE views
 at the end), ``launch/evaluate.py`` once more on the final checkpoint; each lands in W&B and in
 ``runs/NAME/figures/`` as ``KEY_epochNNN.png``.
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import nn
 
 from aedist import visuals
@@ -34,7 +39,8 @@ FIGURES: Registry[Callable[[FigureContext], dict[str, np.ndarray]]] = Registry("
 @dataclass
 class FigureContext:
     """What every figure may use: the model in eval mode, the probe images (pixels) and labels, the
-    test latents of the last evaluation, the class names and whether to draw the slow views."""
+    test latents of the last evaluation, the class names, whether to draw the slow views and, when
+    training keeps one, the EMA copy of the model (also in eval mode)."""
 
     model: nn.Module
     cfg: Config
@@ -43,14 +49,31 @@ class FigureContext:
     latents: Latents
     class_names: list[str]
     full: bool
+    ema_model: nn.Module | None = None
 
-    def recon(self, pixels: torch.Tensor) -> torch.Tensor:
-        """The model's reconstruction of pixel images, back in pixels."""
+    def recon(self, pixels: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """The reconstruction of pixel images by ``model`` (default: the trained model), back in pixels."""
         norm = self.cfg.data.normalize
-        return to_pixels(self.model(prepare_batch(pixels, [], None, normalize=norm).inputs).recon.float(), norm).clamp(0, 1)
+        net = self.model if model is None else model
+        return to_pixels(net(prepare_batch(pixels, [], None, normalize=norm).inputs).recon.float(), norm).clamp(0, 1)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents ``[N, *latent_shape]`` -> pixel images ``[N, C, H, W]`` in [0, 1]."""
         return to_pixels(self.model.decode(z).float(), self.cfg.data.normalize).clamp(0, 1)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """One latent's shape without the batch dim: ``model.latent_shape``, or that of an encoded probe
+        image for a model that does not declare it."""
+        shape = getattr(self.model, "latent_shape", None)
+        if shape is None:
+            shape = self.model.encode(prepare_batch(self.x[:1], [], None, normalize=self.cfg.data.normalize).inputs).shape[1:]
+        return tuple(int(d) for d in shape)
+
+    def is_kl(self) -> bool:
+        """Whether the model is a KL model: its output carries a posterior (mu, logvar), so z ~ N(0, I)
+        is its prior. Read from one forward pass, which holds for any model honouring AEOutput."""
+        out = self.model(prepare_batch(self.x[:1], [], None, normalize=self.cfg.data.normalize).inputs)
+        return out.mu is not None and out.logvar is not None
 
     def first_of_each_class(self) -> list[int]:
         """Probe indices of the first image of every class present, in class order."""
@@ -69,19 +92,22 @@ def load_probe(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def draw_figures(model: nn.Module, cfg: Config, probe: tuple[torch.Tensor, torch.Tensor], latents: Latents,
-                 class_names: list[str], full: bool) -> dict[str, np.ndarray]:
-    """Every registered figure that applies to this run, keyed ``figures/NAME``."""
-    was_training = model.training
-    model.eval()
+                 class_names: list[str], full: bool, ema_model: nn.Module | None = None) -> dict[str, np.ndarray]:
+    """Every registered figure that applies to this run, keyed ``figures/NAME``; ``ema_model`` (the EMA
+    copy of ``model``, e.g. a torch AveragedModel) adds ``figures/recon_ema``."""
+    modes = [(m, m.training) for m in (model, ema_model) if m is not None]
+    for m, _ in modes:
+        m.eval()
     # Shards written by other tools may name no classes (or fewer than their labels): label by number.
     labels = [probe[1].cpu().numpy()] + ([latents[1]] if latents is not None else [])
     top = max((int(np.max(y)) for y in labels if y.size), default=-1)
     names = list(class_names) + [str(i) for i in range(len(class_names), top + 1)]
-    ctx = FigureContext(model, cfg, probe[0], probe[1], latents, names, full)
+    ctx = FigureContext(model, cfg, probe[0], probe[1], latents, names, full, ema_model)
     figs: dict[str, np.ndarray] = {}
     for _, fn in FIGURES.items():
         figs.update(fn(ctx))
-    model.train(was_training)
+    for m, was_training in modes:
+        m.train(was_training)
     return figs
 
 
@@ -99,6 +125,23 @@ def recon(ctx: FigureContext) -> dict[str, np.ndarray]:
     return out
 
 
+@FIGURES.register("recon_error")
+def recon_error(ctx: FigureContext) -> dict[str, np.ndarray]:
+    """Clean probe images, their reconstructions and the error map |x - x_hat| (mean over channels) as a heat map."""
+    show = ctx.x[:16]
+    return {"figures/recon_error": visuals.error_grid(show, [("recon", ctx.recon(show))])}
+
+
+@FIGURES.register("recon_ema")
+def recon_ema(ctx: FigureContext) -> dict[str, np.ndarray]:
+    """Runs with EMA only: input / raw recon / EMA recon and both error maps on one colour scale."""
+    if ctx.ema_model is None:
+        return {}
+    show = ctx.x[:16]
+    outputs = [("raw", ctx.recon(show)), ("EMA", ctx.recon(show, ctx.ema_model))]
+    return {"figures/recon_ema": visuals.error_grid(show, outputs, title="Raw and EMA reconstructions, |x - x_hat|")}
+
+
 @FIGURES.register("samples")
 def samples(ctx: FigureContext) -> dict[str, np.ndarray]:
     """A look at the data itself: the first three probe images of every class, one row per class
@@ -109,11 +152,12 @@ def samples(ctx: FigureContext) -> dict[str, np.ndarray]:
 
 @FIGURES.register("latent")
 def latent(ctx: FigureContext) -> dict[str, np.ndarray]:
-    """The latent plane itself in 2-D; PCA otherwise, plus t-SNE in 2-D and 3-D on the full draw."""
+    """The latent plane itself for flat 2-D latents; PCA otherwise, plus t-SNE in 2-D and 3-D on the full
+    draw. Spatial latents [N, C, h, w] are projected as flattened C·h·w vectors (the titles say so)."""
     z, labels = ctx.latents[0]["clean"], ctx.latents[1]
     if not len(z):
         return {}
-    if z.shape[1] == 2:
+    if z.shape[1:] == (2,):
         return {"figures/latent": visuals.latent_scatter(z, labels, ctx.class_names)}
     out = {"figures/latent_pca": visuals.latent_scatter(z, labels, ctx.class_names, method="pca")}
     if ctx.full:
@@ -152,19 +196,22 @@ def rotation_panel(ctx: FigureContext) -> dict[str, np.ndarray]:
     out = ctx.model(prepare_batch(rotated, [], None, normalize=norm).inputs)
     shape = (k, a, *images.shape[1:])
     return {"figures/rotation_panel": visuals.rotation_panel(
-        rotated.view(shape), to_pixels(out.recon.float(), norm).clamp(0, 1).view(shape), out.z.float().view(k, a, -1),
+        rotated.view(shape), to_pixels(out.recon.float(), norm).clamp(0, 1).view(shape),
+        rearrange(out.z.float(), "(k a) ... -> k a (...)", k=k, a=a),  # spatial latents: flattened, then PCA
         [ctx.class_names[int(ctx.y[i])] for i in firsts], angles.tolist())}
 
 
 @FIGURES.register("prior_samples")
 def prior_samples(ctx: FigureContext) -> dict[str, np.ndarray]:
-    """VAEs only: decodes of z ~ N(0, I), and the decoded latent plane when the latent is 2-D."""
-    if not hasattr(ctx.model.encoder, "logvar"):
+    """KL models only (output with mu/logvar): decodes of z ~ N(0, I) drawn at [64, *latent_shape], and the
+    decoded latent plane when the latent is flat 2-D."""
+    if not ctx.is_kl():
         return {}
-    d = ctx.model.latent_dim
-    zs = torch.randn(64, d, generator=torch.Generator(device="cpu").manual_seed(ctx.cfg.train.seed)).to(ctx.x.device)
-    out = {"figures/prior_samples": visuals.prior_samples(ctx.decode(zs))}
-    if d == 2:
+    shape = ctx.latent_shape()
+    zs = torch.randn(64, *shape, generator=torch.Generator(device="cpu").manual_seed(ctx.cfg.train.seed)).to(ctx.x.device)
+    title = f"Decodes of z ~ N(0, I), z of shape {'x'.join(map(str, shape))}"
+    out = {"figures/prior_samples": visuals.prior_samples(ctx.decode(zs), title=title)}
+    if shape == (2,):
         plane = visuals.latent_plane(grid=8, extent=3.0).to(ctx.x.device)
         out["figures/latent_grid"] = visuals.latent_grid(ctx.decode(plane), extent=3.0)
     return out

@@ -19,10 +19,15 @@ from aedist.batch import prepare_batch, to_pixels
 from aedist.config import Config
 from aedist.data import load_batches
 from aedist.data.corruption import make_generator
+from aedist.evaluation.quality import QualityTally
 from aedist.losses import compute_loss
+from aedist.models import is_variational
+from aedist.models.ae import AEOutput
 
 EVAL_STEP = 1 << 40  # generator "steps" for evaluation draws, far from any training step
-Latents = tuple[dict[str, np.ndarray], np.ndarray]  # ({"clean": [N, D], corruption name: [N, D]}, labels [N])
+# ({"clean": [N, *latent_shape], corruption name: [N, *latent_shape]}, labels [N]): latents keep their shape
+# ([N, D] flat, [N, C, h, w] spatial); each consumer says how it gets a vector (kNN and scatter flatten them).
+Latents = tuple[dict[str, np.ndarray], np.ndarray]
 
 
 def eval_batches(cfg: Config, accelerator: Accelerator, split: str, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -36,57 +41,55 @@ def eval_batches(cfg: Config, accelerator: Accelerator, split: str, limit: int =
 
 
 class _Tally:
-    """Sums of loss terms and metric sets on this rank, reduced across ranks in one all-reduce."""
+    """Sums of loss terms and of the ``eval.metrics`` of every set on this rank, reduced across
+    ranks in one all-reduce (after agreeing on the metric sums' shapes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, quality: QualityTally) -> None:
         self.loss: dict[str, float] = {}
         self.n = 0.0
-        self.sets: dict[str, dict[str, torch.Tensor]] = {}
+        self.quality = quality
 
     def add_loss(self, terms: dict[str, torch.Tensor], n: int) -> None:
         for k, v in terms.items():
             self.loss[k] = self.loss.get(k, 0.0) + float(v) * n
         self.n += n
 
-    def add(self, name: str, pred: torch.Tensor, target: torch.Tensor) -> None:
-        self.sets[name] = metrics.accumulate(self.sets.get(name), metrics.batch_sums(pred, target))
+    def add(self, name: str, pred: torch.Tensor, target: torch.Tensor, out: AEOutput | None = None) -> None:
+        self.quality.add(name, pred, target, out)
 
     def reduce(self, accelerator: Accelerator, split: str, loss_keys: list[str], set_names: list[str]) -> dict[str, float]:
-        # Keys come from the caller, not from this rank's batches: a rank that held no batch still
-        # joins the all-reduce with zeros, so ranks never disagree on the collective's shape.
-        flat = [self.loss.get(k, 0.0) for k in loss_keys] + [self.n]
-        for name in set_names:
-            flat += [float(self.sets[name][k]) if name in self.sets else 0.0 for k in metrics.sum_keys()]
-        total = accelerator.reduce(torch.tensor(flat, dtype=torch.float64, device=accelerator.device), "sum").tolist()
-        n = total[len(loss_keys)]
-        out = {f"{split}/{k}": total[j] / max(n, 1.0) for j, k in enumerate(loss_keys)}
-        offset = len(loss_keys) + 1
-        keys = metrics.sum_keys()
-        width = len(keys)
-        for j, name in enumerate(set_names):
-            vals = total[offset + j * width: offset + (j + 1) * width]
-            fin = metrics.finalize({k: torch.tensor(v) for k, v in zip(keys, vals)}, name)
-            if name.endswith("/input"):  # "test_rotated/input/mse" reads better as "test_rotated/input_mse"
-                fin = {k.replace("/input/", "/input_"): v for k, v in fin.items()}
-            out.update(fin)
+        # Loss keys come from the caller and the metric sums' layout from every rank (gathered), not
+        # from this rank's batches: a rank that held no batch still joins the all-reduce with zeros,
+        # so ranks never disagree on the collective's shape.
+        layout = self.quality.layout(lambda part: gather_object([part]))
+        head = torch.tensor([self.loss.get(k, 0.0) for k in loss_keys] + [self.n], dtype=torch.float64, device=accelerator.device)
+        total = accelerator.reduce(torch.cat([head, self.quality.flat(layout, accelerator.device)]), "sum")
+        losses = total[:len(head)].tolist()
+        out = {f"{split}/{k}": losses[j] / max(losses[-1], 1.0) for j, k in enumerate(loss_keys)}
+        for name, values in self.quality.finalize(set_names, layout, total[len(head):]).items():
+            sep = "_" if name.endswith("/input") else "/"  # "test_rotated/input/mse" reads better as "test_rotated/input_mse"
+            out.update({f"{name}{sep}{k}": v for k, v in values.items()})
         return out
 
 
 @torch.no_grad()
-def evaluate_split(model: nn.Module, cfg: Config, accelerator: Accelerator, split: str) -> tuple[dict[str, float], Latents]:
+def evaluate_split(model: nn.Module, cfg: Config, accelerator: Accelerator, split: str,
+                   prefix: str | None = None) -> tuple[dict[str, float], Latents]:
     """Loss terms (training corruption applied), clean-input metrics and one metric set per
     ``eval.corruptions`` entry (plus the corrupted inputs' own error, ``…/input_mse`` etc.).
     Returns the flat metrics and, gathered from all ranks, the latents of clean inputs (key
     ``"clean"``) and of each corruption's *decoded* outputs re-encoded (key = its name), plus the
-    labels: a kNN on these tells whether decoding a corrupted image kept its class.
+    labels: a kNN on these tells whether decoding a corrupted image kept its class. ``prefix``
+    replaces the split in the keys (``val_ema/mse`` for the EMA weights on ``val``).
     """
     was_training = model.training
     model.eval()
     norm = cfg.data.normalize
-    tally = _Tally()
+    tally = _Tally(QualityTally(cfg.eval.metrics, lpips_net=cfg.eval.lpips_net))
     latents: dict[str, list[np.ndarray]] = {"clean": [], **{name: [] for name in cfg.eval.corruptions}}
     labels: list[np.ndarray] = []
-    loss_keys: list[str] = ["loss", "recon", "kl"] if hasattr(model.encoder, "logvar") else ["loss", "recon"]
+    loss_keys: list[str] = ["loss", "recon", "kl"] if is_variational(model) else ["loss", "recon"]
+    name_as = prefix or split
     for i, (images, y) in enumerate(eval_batches(cfg, accelerator, split)):
         gen = make_generator(cfg.train.seed, accelerator.process_index, EVAL_STEP + i, images.device)
         batch = prepare_batch(images, cfg.corruption, gen, normalize=norm)
@@ -95,18 +98,20 @@ def evaluate_split(model: nn.Module, cfg: Config, accelerator: Accelerator, spli
         # Without a training corruption the loss pass already is the clean pass (for VAEs in eval
         # mode z = mu): reuse it rather than run the model twice.
         clean = out if not cfg.corruption else model(prepare_batch(images, [], None, normalize=norm).inputs)
-        tally.add(split, to_pixels(clean.recon.float(), norm), batch.clean)
-        latents["clean"].append(clean.z.float().cpu().numpy())
+        tally.add(name_as, to_pixels(clean.recon.float(), norm), batch.clean, clean)  # clean.mu/logvar: latent metrics
+        # The posterior mean for KL models (what encode returns), so these match knn_metric's train latents
+        # even for a model whose eval-mode z is a sample.
+        latents["clean"].append((clean.z if clean.mu is None else clean.mu).float().cpu().numpy())
         labels.append(y.cpu().numpy())
         for name, spec in cfg.eval.corruptions.items():
             c = prepare_batch(images, spec, gen, normalize=norm)
             c_out = model(c.inputs).recon
-            tally.add(f"{split}_{name}", to_pixels(c_out.float(), norm), c.pixel_targets)
-            tally.add(f"{split}_{name}/input", c.pixel_inputs, c.pixel_targets)
+            tally.add(f"{name_as}_{name}", to_pixels(c_out.float(), norm), c.pixel_targets)
+            tally.add(f"{name_as}_{name}/input", c.pixel_inputs, c.pixel_targets)
             latents[name].append(model.encode(c_out).float().cpu().numpy())
     model.train(was_training)
-    set_names = [split, *(f"{split}_{n}{s}" for n in cfg.eval.corruptions for s in ("", "/input"))]
-    values = tally.reduce(accelerator, split, loss_keys, set_names)
+    set_names = [name_as, *(f"{name_as}_{n}{s}" for n in cfg.eval.corruptions for s in ("", "/input"))]
+    values = tally.reduce(accelerator, name_as, loss_keys, set_names)
     return values, ({k: _gather(v) for k, v in latents.items()}, _gather(labels))
 
 

@@ -16,11 +16,12 @@ from aedist.config import ModelConfig
 from aedist.errors import UserError
 from aedist.models.ae import AEOutput, Autoencoder
 from aedist.models.conv import ConvDecoder, ConvEncoder
+from aedist.models.diffusers_kl import KLParams, build_diffusers_kl
 from aedist.models.mlp import MLPDecoder, MLPEncoder
 from aedist.models.vae import VAE
 from aedist.registry import Registry
 
-__all__ = ["AEOutput", "MODELS", "build_model", "count_params", "register_model"]
+__all__ = ["AEOutput", "MODELS", "build_model", "count_params", "is_variational", "register_model"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,10 @@ def mlp_vae(cfg: ModelConfig) -> nn.Module:
     return VAE(*_bodies(cfg, "mlp"), cfg.latent_dim, True)
 
 
+# Latent-diffusion first stage: diffusers' AutoencoderKL, its constructor arguments under model.params.
+register_model("diffusers_kl", params=KLParams)(build_diffusers_kl)
+
+
 def _xavier(module: nn.Module) -> None:
     # Seed 001's init: Xavier-uniform weights and bias 0.01 on Conv2d and Linear (not the transposed convs).
     if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -101,6 +106,11 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     return model
 
 
+def is_variational(model: nn.Module) -> bool:
+    """Whether ``model`` outputs a posterior (mu, logvar), so its loss has a KL term."""
+    return bool(getattr(model, "variational", False)) or hasattr(getattr(model, "encoder", None), "logvar")
+
+
 def count_params(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -114,7 +124,8 @@ def main(argv: Sequence[str]) -> int:
         raise UserError("usage: python -m aedist.models CONFIG.yaml [key=value ...]")
     model = build_model(load_config(argv[0], list(argv[1:])).model)
     print(model)
-    print(f"encoder params: {count_params(model.encoder)}")
-    print(f"decoder params: {count_params(model.decoder)}")
+    parts = getattr(model, "vae", model)  # diffusers_kl keeps diffusers' encoder/decoder inside .vae
+    print(f"encoder params: {count_params(parts.encoder)}")
+    print(f"decoder params: {count_params(parts.decoder)}")
     print(f"total params: {count_params(model)}")
     return 0

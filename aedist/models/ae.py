@@ -32,12 +32,17 @@ def decoder_head(latent_dim: int, feature_dim: int, act: bool) -> list[nn.Module
 
 
 class Autoencoder(nn.Module):
-    """x [B,C,H,W] -> z [B,D] -> x_hat [B,C,H,W]; ``encoder`` and ``decoder`` are plain Sequentials."""
+    """x [B,C,H,W] -> z [B,D] -> x_hat [B,C,H,W]; ``encoder`` and ``decoder`` are plain Sequentials.
+
+    ``latent_shape`` is one latent without the batch dim, ``(D,)`` here; every model has it (spatial
+    models have ``(C, h, w)``), and consumers that need a latent's shape read it rather than ``latent_dim``.
+    """
 
     def __init__(self, body: nn.Module, decoder_body: nn.Module, feature_dim: int, latent_dim: int,
                  latent_act: bool, decoder_act: bool) -> None:
         super().__init__()
         self.latent_dim = latent_dim or feature_dim
+        self.latent_shape: tuple[int, ...] = (self.latent_dim,)
         self.encoder = nn.Sequential(body, *latent_head(feature_dim, latent_dim, latent_act))
         self.decoder = nn.Sequential(*decoder_head(latent_dim, feature_dim, decoder_act), decoder_body)
 

@@ -34,6 +34,7 @@ class VAE(nn.Module):
         if latent_dim <= 0:
             raise ValueError("a VAE needs model.latent_dim > 0")
         self.latent_dim = latent_dim
+        self.latent_shape: tuple[int, ...] = (latent_dim,)  # the shape contract of every model (see Autoencoder)
         self.encoder = GaussianEncoder(body, feature_dim, latent_dim)
         self.decoder = nn.Sequential(*decoder_head(latent_dim, feature_dim, decoder_act), decoder_body)
 
