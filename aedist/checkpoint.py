@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from accelerate import Accelerator
 
@@ -203,20 +205,88 @@ def save_checkpoint(accelerator: Accelerator, root: Path, name: str, state: Trai
     return final
 
 
-class DamagedCheckpoint(Exception):
-    """A complete-looking checkpoint whose files cannot be read back."""
+def check_writable(folder: Path, fix: str) -> None:
+    """A one-line UserError ending in ``fix`` unless a file can be created in ``folder`` (made if missing): a
+    read-only mount, an immutable folder or another user's folder would otherwise be a traceback at the first
+    write, after minutes of work. A real create, since root passes access(2) on folders it cannot write."""
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"run folder {folder} is not writable ({err.strerror or err}); {fix}") from None
+
+
+class DamagedCheckpoint(UserError):
+    """A complete-looking checkpoint whose files cannot be read back. A UserError, so wherever no older
+    checkpoint is tried (an explicit ``train.resume=PATH`` or ``--checkpoint NAME``) it is one line, exit 2."""
+
+    def __init__(self, folder: Path, problem: str, fix: str = "use an earlier checkpoint") -> None:
+        self.folder, self.problem = folder, problem
+        super().__init__(f"checkpoint {folder} is damaged ({problem}); {fix}")
+
+
+# state.json's fields: (types, lowest value). A checkpoint written before a field existed lacks it and gets
+# the default; these three every checkpoint has always had, so one without them is damaged, not old.
+_REQUIRED = ("step", "epoch", "model_hash")
+_NUMBERS: dict[str, tuple[type | tuple[type, ...], float]] = {
+    "step": (int, 0), "epoch": (int, 0), "batch": (int, 0), "best_epoch": (int, -1), "epochs_since_best": (int, 0),
+    "bad_steps": (int, 0), "images_seen": (int, 0), "epoch_loss_steps": (int, 0),
+    "train_seconds": ((int, float), 0), "epoch_loss_sum": ((int, float), -math.inf), "best_val": ((int, float), -math.inf),
+}
+_TEXTS = ("wandb_run_id", "model_hash", "started_from", "data_hash")
+_INT_LISTS = {"resumed_from": 0, "world_sizes": 1}
+
+
+def _check_state(data: Any) -> TrainState:
+    """``data`` (state.json's content) as a TrainState, or ValueError naming the first bad field. Keys this
+    version does not know are ignored, so a checkpoint written by a newer aedist still resumes."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    if missing := [k for k in _REQUIRED if k not in data]:
+        raise ValueError(f"no {', '.join(missing)}")
+    for key, (types, lowest) in _NUMBERS.items():
+        v = data.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, types) or not v >= lowest or (key != "best_val" and not math.isfinite(v)):
+            raise ValueError(f"{key} is {v!r}, expected {'an integer' if types is int else 'a number'} >= {lowest}")
+    for key in _TEXTS:
+        if not isinstance(data.get(key, ""), str):
+            raise ValueError(f"{key} is {data[key]!r}, expected a string")
+    for key, lowest in _INT_LISTS.items():
+        v = data.get(key, [])
+        if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < lowest for x in v):
+            raise ValueError(f"{key} is {v!r}, expected a list of integers >= {lowest}")
+    if not isinstance(data.get("model", {}), dict):
+        raise ValueError(f"model is {data['model']!r}, expected an object")
+    if data.get("data_position") is not None:
+        from aedist.data.position import DataPosition
+
+        try:
+            DataPosition.from_dict(data["data_position"])
+        except UserError as err:
+            raise ValueError(str(err)) from None
+    known = {f.name for f in fields(TrainState)}
+    return TrainState(**{k: v for k, v in data.items() if k in known})
 
 
 def read_state(folder: Path) -> TrainState:
-    """Our state from a complete checkpoint folder."""
+    """Our state from a complete checkpoint folder; :class:`DamagedCheckpoint` when state.json is unreadable,
+    not a JSON object, lacks step/epoch/model_hash, holds a field of the wrong type or range (data position
+    included) or a step other than its ``step-N`` folder's. Unknown keys are ignored (a newer aedist's)."""
     if not (folder / STATE).exists() and not (folder / MARKER).exists():
         raise UserError(f"{folder} is not a checkpoint folder (no {STATE}); point train.resume at a runs/NAME/checkpoints/step-N folder")
     if not is_complete(folder):
         raise UserError(f"checkpoint {folder} is incomplete (no {MARKER} marker); resume from another or set train.resume=never")
     try:
-        return TrainState(**json.loads((folder / STATE).read_text()))
-    except (OSError, ValueError, TypeError) as err:
-        raise DamagedCheckpoint(f"{STATE} unreadable ({type(err).__name__})") from None
+        state = _check_state(json.loads((folder / STATE).read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedCheckpoint(folder, f"{STATE} unreadable ({type(err).__name__})") from None
+    except ValueError as err:
+        raise DamagedCheckpoint(folder, f"{STATE}: {err}") from None
+    if folder.name.startswith("step-") and folder.name[5:].isdigit() and int(folder.name[5:]) != state.step:
+        raise DamagedCheckpoint(folder, f"{STATE} says step {state.step}")
+    return state
 
 
 def read_matching_state(folder: Path, model_hash: str, fix: str = "use another run.name or train.resume=never") -> TrainState:
@@ -230,33 +300,102 @@ def read_matching_state(folder: Path, model_hash: str, fix: str = "use another r
     return state
 
 
+def check_files(folder: Path, patterns: tuple[str, ...]) -> None:
+    """:class:`DamagedCheckpoint` unless every file of ``folder`` matching ``patterns`` is whole. torch.save
+    writes zip archives: a truncated one has no central directory and a changed byte fails its CRC. Checked
+    before loading because Accelerate swallows a failed RNG load (the run would go on, no longer exact),
+    and a torch.load that fails is only the class name, never torch's advice to drop weights_only."""
+    for pattern in patterns:
+        for path in sorted(folder.glob(pattern)):
+            if path.suffix == ".safetensors":
+                _check_safetensors(folder, path)
+                continue
+            try:
+                with open(path, "rb") as fh:
+                    head = fh.read(4)
+                if head != b"PK\x03\x04":  # a legacy (non-zip) torch.save pickle has nothing to check it by
+                    bad = None if head[:1] == b"\x80" else "?"
+                else:
+                    with zipfile.ZipFile(path) as zf:
+                        bad = zf.testzip()
+            except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+                bad = "?"
+            if bad is not None:
+                raise DamagedCheckpoint(folder, f"{path.name} truncated or corrupt")
+
+
+def _check_safetensors(folder: Path, path: Path) -> None:
+    """A safetensors file's header names each tensor's byte range: the file must hold exactly that many bytes."""
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n)) if 0 < n < 100_000_000 else None
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0) if isinstance(header, dict) else -1
+        whole = end >= 0 and path.stat().st_size == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        whole = False
+    if not whole:
+        raise DamagedCheckpoint(folder, f"{path.name} truncated or corrupt")
+
+
+TRAIN_FILES = ("*.safetensors", "*.bin", "*.pkl", "*.pt")  # what Accelerate's load_state reads
+
+
 def load_checkpoint(accelerator: Accelerator, folder: Path, model_hash: str) -> TrainState:
     """Restore Accelerate's state from ``folder`` after checking it was written by the same model;
     :class:`DamagedCheckpoint` when its files cannot be read back."""
     state = read_matching_state(folder, model_hash)
     missing = [f for f in ("model.safetensors", "optimizer.bin") if not (folder / f).is_file()]
     if missing:
-        raise DamagedCheckpoint(f"{', '.join(missing)} missing")
+        raise DamagedCheckpoint(folder, f"{', '.join(missing)} missing")
+    check_files(folder, TRAIN_FILES)
     try:
         accelerator.load_state(str(folder))
     except Exception as err:  # noqa: BLE001 - safetensors, pickle and torch each raise their own types
         # The class name only: torch's own message suggests weights_only=False, which must never be the fix.
-        raise DamagedCheckpoint(f"unreadable ({type(err).__name__})") from None
+        raise DamagedCheckpoint(folder, f"unreadable ({type(err).__name__})") from None
     return state
+
+
+T = TypeVar("T")
+
+
+def newest_usable(root: Path, load: Callable[[Path], T], warn: Callable[[str], None], fix: str) -> tuple[T, Path] | None:
+    """``load`` applied to the newest complete ``step-N`` checkpoint under ``root`` where it succeeds, falling
+    back past each one it finds damaged (:class:`DamagedCheckpoint`) with one ``warn`` line; None when there
+    is no checkpoint; a one-line UserError ending in ``fix`` when every one is damaged. The one fallback
+    path of training (``load`` restores Accelerate's state) and evaluate.py (``load`` reads the weights)."""
+    found = list_checkpoints(root)
+    for folder in reversed(found):
+        try:
+            return load(folder), folder
+        except DamagedCheckpoint as err:
+            warn(f"warning: checkpoint {folder} is damaged ({err.problem}); trying the one before it")
+    if found:
+        raise UserError(f"no usable checkpoint in {root} (all {len(found)} damaged); {fix}")
+    return None
 
 
 def load_newest_usable(accelerator: Accelerator, root: Path, model_hash: str) -> tuple[TrainState, Path] | None:
     """The newest complete checkpoint that loads, falling back past damaged ones with a one-line
     warning each; None when there is none; a one-line UserError when every one is damaged."""
-    found = list_checkpoints(root)
-    for folder in reversed(found):
-        try:
-            return load_checkpoint(accelerator, folder, model_hash), folder
-        except DamagedCheckpoint as err:
-            accelerator.print(f"warning: checkpoint {folder} is damaged ({err}); trying the one before it")
-    if found:
-        raise UserError(f"no usable checkpoint in {root} (all {len(found)} damaged); set train.resume=never to start over")
-    return None
+    return newest_usable(root, lambda folder: load_checkpoint(accelerator, folder, model_hash), accelerator.print,
+                         "set train.resume=never to start over")
+
+
+def named_checkpoint(root: Path, name: str, flag: str = "--checkpoint") -> Path:
+    """The complete checkpoint ``root/name`` a user named; a one-line UserError for a name that is not a
+    plain folder name (``../x``, ``/abs``, empty), no such folder, a file, or a half-written folder."""
+    have = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir() and is_complete(p))) if root.is_dir() else ""
+    choose = f"pass one of: {have}" if have else "train the run first"
+    if not name or name in (".", "..") or name != Path(name).name or "\\" in name or name.startswith("."):
+        raise UserError(f"{flag} {name!r} must be the plain name of a folder in {root} (e.g. step-N or best); {choose}")
+    folder = root / name
+    if not folder.is_dir():
+        raise UserError(f"{flag} {name!r}: no checkpoint folder {folder}; {choose}")
+    if not is_complete(folder):
+        raise UserError(f"{flag} {name!r}: checkpoint {folder} is incomplete (no {MARKER} marker, half-written); {choose}")
+    return folder
 
 
 def find_resume(resume: str) -> Path | None:
@@ -289,6 +428,10 @@ class CheckpointPolicy:
         if name is None:
             self.saved_step = state.step
         return folder
+
+    def due(self, step: int) -> bool:
+        """Whether :meth:`after_step` saves at ``step`` without a preemption."""
+        return bool(self.every and step % self.every == 0)
 
     def after_step(self, state: TrainState, preempted: bool) -> None:
         if preempted or (self.every and state.step % self.every == 0):

@@ -43,6 +43,10 @@ def _text(v: Any) -> Any:
 def _folder_name(v: Any) -> Any:
     if isinstance(v, str) and (not v.strip() or v in (".", "..") or "/" in v or "\\" in v or v != v.strip()):
         raise ValueError("run.name must be a plain folder name inside run.dir (no '/', not '.' or '..', not empty)")
+    # A name is also a table cell and a file name in the report (launch/report.py), a W&B run name and a log word.
+    if isinstance(v, str) and (bad := sorted({c for c in v if c in "|`*[]<>\"" or not c.isprintable()})):
+        raise ValueError(f"run.name may not hold {' '.join(map(repr, bad))} (they break the report's table and file names); "
+                         "use letters, digits, '-', '_', '.'")
     return v
 
 
@@ -58,7 +62,7 @@ def _no_is_false(v: Any) -> Any:
 
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
-Num = Annotated[float, BeforeValidator(_number)]
+Num = Annotated[float, BeforeValidator(_number), Field(allow_inf_nan=False)]  # inf/nan (YAML .inf, 1e400) are never meant
 Str = Annotated[str, BeforeValidator(_text), Strict()]
 Precision = Annotated[Literal["auto", "no", "bf16", "fp16"], BeforeValidator(_no_is_false)]
 AutoBool = Annotated[Literal["auto"] | bool, BeforeValidator(_auto_or_bool)]
@@ -135,7 +139,7 @@ class OptimConfig:
     plateau_patience: Int = _f(3, "ReduceLROnPlateau patience in epochs.", ge=0)
     plateau_on: Literal["val", "train"] = _f("val", "Loss ReduceLROnPlateau watches: val loss (every eval) or epoch-mean train loss.")
     grad_clip: Num = _f(0.0, "Clip the global grad norm to this (0 = off).", ge=0.0)
-    fused: Bool = _f(False, "Fused Adam kernels (CUDA only; ignored on CPU).")
+    fused: AutoBool = _f("auto", "Fused optimizer kernels (CUDA and CPU); auto = on: they skip a non-finite step on the device, with no host sync.")
 
 
 @dataclass(config=_SECTION)
@@ -155,6 +159,8 @@ class TrainConfig:
     max_bad_steps: Int = _f(0, "Skip up to N non-finite-loss steps before stopping (0 = stop on the first).", ge=0)
     collective_timeout_s: Num = _f(600.0, "Seconds a rank waits for the others at a collective before the job ends (exit 124; README: Exit codes).", gt=0)
     eval_every: Int = _f(1, "Validate and test every N epochs.", ge=1)
+    sync_every: Int = _f(0, "Host-device sync every N steps (0 = at log.every): skipped non-finite steps and stop signals are read there.", ge=0)
+    preempt_signal: Literal["USR1", "USR2", "TERM"] = _f("USR1", "Signal that means 'save and exit 75' (SIGTERM always does); USR2 where NCCL takes USR1.")
     ema_decay: Num = _f(0.0, "EMA of the weights, updated every optimizer step (e.g. 0.999; 0 = off); evaluated as val_ema/, test_ema/.", ge=0.0, lt=1.0)
 
 
@@ -252,6 +258,7 @@ def _one_line(err: ValidationError) -> UserError:
         "greater_than": lambda: f"must be > {e['ctx']['gt']}",
         "less_than_equal": lambda: f"must be <= {e['ctx']['le']}",
         "less_than": lambda: f"must be < {e['ctx']['lt']}",
+        "finite_number": lambda: "must be a finite number",
         "int_type": lambda: "expected an integer",
         "int_from_float": lambda: "expected an integer",
         "bool_type": lambda: "expected true or false",

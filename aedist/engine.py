@@ -49,10 +49,11 @@ from aedist.evaluation import draw_figures, evaluate_split, knn_metric, load_pro
 from aedist.evaluation.backbones import check_backbones
 from aedist.models import build_model
 from aedist.objectives import build_objective
-from aedist.optim import EMA, Schedule, build_optimizer
+from aedist.optim import EMA, Schedule, build_optimizer, skips_on_device, step_unless
 from aedist.resume import RunLock, apply_changes, check_changes, config_changes, previous_config, record_resume
 from aedist.signals import INTERRUPT_EXIT_CODE, PREEMPT_EXIT_CODE, STOP
 from aedist.sysinfo import vm_hwm_mb
+from aedist.throughput import count_model_flops, peak_flops, peak_memory_gb
 from aedist.tracking import Tracker, new_run_id, trackers_for
 
 REQUEUE_EXIT_CODE = PREEMPT_EXIT_CODE  # 75: "preempted, checkpoint saved, run me again" (slurm/ requeues on it)
@@ -67,15 +68,12 @@ class Diverged(RuntimeError):
 
 @dataclass
 class StepResult:
-    """What one optimizer step reports: mean loss terms over its micro-batches (device tensors),
-    seconds spent waiting for data, whether any rank was asked to stop (preemption, Ctrl-C) or saw
-    a non-finite loss."""
+    """What one optimizer step reports: mean loss terms over its micro-batches (device tensors, not
+    read until the next log), seconds spent waiting for data, and the model inputs it processed."""
 
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     data_wait: float = 0.0
-    preempt: bool = False
-    interrupt: bool = False
-    bad: bool = False
+    inputs: int = 0
 
 
 class Trainer:
@@ -118,6 +116,9 @@ class Trainer:
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.compiled = precision.resolve_compile(t.compile, debug=debug, total_steps=self.total_steps, device=device)
+        # Counted once, on a meta-device copy (no arithmetic, no RNG draw): what TFLOP/s and MFU divide by.
+        self.flops_per_input = count_model_flops(model, tuple(self.manifest.shape))
+        self.peak_flops = peak_flops(device, self.mixed_precision)
         optimizer = build_optimizer(model, cfg.optim, on_cuda=device.type == "cuda")
         # The objective decides what a step is; its extra networks (a discriminator) and their optimizers
         # are prepared, clipped, stepped and checkpointed beside the model's (model_1.safetensors, ...).
@@ -145,6 +146,15 @@ class Trainer:
         if previous_world != self.world:
             acc.print(f"resumed on a different world size: {previous_world} -> {self.world} processes")
         self.state.world_sizes.append(self.world)
+        # Device-side counters of the sync-free step, read at _sync: skipped steps, the last one, applied steps.
+        self.bad_count = torch.tensor(self.state.bad_steps, dtype=torch.long, device=acc.device)
+        self.last_bad = torch.zeros((), dtype=torch.long, device=acc.device)
+        self.good_steps = torch.zeros((), dtype=torch.long, device=acc.device)
+        self.device_skip = all(skips_on_device(o) for o in (self.optimizer, *self.extra_optimizers.values()))
+        self.sync_every = t.sync_every or cfg.log.every
+        self.totals = {"inputs": 0, "wait": 0.0, "seconds_before": self.state.train_seconds}  # this start's throughput
+        # After the process group is up: NCCL may have installed its own SIGUSR1 handler (NVIDIA/nccl#704).
+        self.stop.listen(t.preempt_signal)
         self._plan_remaining_steps()
         # This rank's sum of step losses since the last fold into state.epoch_loss_sum (kept on the
         # device so the hot loop never syncs; folded across ranks at checkpoints and epoch ends).
@@ -214,7 +224,7 @@ class Trainer:
             try:
                 state = load_checkpoint(acc, explicit, cfg.model_hash())
             except DamagedCheckpoint as err:
-                raise UserError(f"checkpoint {explicit} is damaged ({err}); point train.resume at another one") from None
+                raise UserError(f"checkpoint {explicit} is damaged ({err.problem}); point train.resume at another one") from None
             if explicit.resolve().parent != self.ckpt_root.resolve():
                 # Another run's checkpoint seeds a new run: its own W&B run, recording where it came from.
                 acc.print(f"starting from {explicit} (step {state.step}) as a new run")
@@ -270,13 +280,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _agree(self, *flags: bool) -> list[bool]:
-        """All ranks learn whether any rank raised each flag (one tiny all-reduce)."""
-        if self.world == 1:
-            return list(flags)
-        t = torch.tensor([float(f) for f in flags], device=self.accelerator.device)
-        return [bool(v > 0) for v in self.accelerator.reduce(t, "sum").tolist()]
-
     def _agree_count(self, steps: int) -> int:
         """The fewest steps any rank's stream holds (one all-reduce per epoch)."""
         if self.world == 1:
@@ -288,8 +291,10 @@ class Trainer:
         return fewest
 
     def _step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], want_norm: bool) -> StepResult:
-        """One optimizer step over ``grad_accum`` micro-batches. The grad norm is computed only when
-        clipping or logging needs it (it walks every parameter)."""
+        """One optimizer step over ``grad_accum`` micro-batches, with no host-device sync: whether any
+        loss was non-finite on any rank is a device flag (all-reduced on the device) that the fused
+        optimizers read as ``found_inf`` and the EMA as a mask; the counts are read at :meth:`_sync`.
+        The grad norm is computed only when clipping or logging needs it (it walks every parameter)."""
         acc, cfg, s = self.accelerator, self.cfg, self.state
         accum = cfg.train.grad_accum
         res = StepResult()
@@ -311,30 +316,37 @@ class Trainer:
             with acc.accumulate(self.model, *self.networks.values()):
                 gen = make_generator(cfg.train.seed, self.rank, s.step * accum + micro, images.device) if cfg.corruption else None
                 batch = prepare_batch(images, cfg.corruption, gen, normalize=cfg.data.normalize, channels_last=self.channels_last)
+                res.inputs += batch.inputs.shape[0] * self.world
                 precision.begin_step(self.compiled, acc.device)
                 terms = self.objective.micro_step(unwrapped, self.forward, batch, s.step, self.networks, backward)
             for k, v in terms.items():
                 res.terms[k] = res.terms.get(k, 0.0) + v.detach() / accum
             s.batch += 1
-        res.preempt, res.interrupt, res.bad = self._agree(self.stop.preempt, self.stop.interrupt, bool(bad))
+        if self.world > 1:  # a device collective: every rank skips alike, and the host does not wait for it
+            bad = acc.reduce(bad.float(), "sum") > 0
         optimizers = {"": self.optimizer, **self.extra_optimizers}
-        if not res.bad:
-            nets = {"": self.model, **self.networks}
-            for name, opt in optimizers.items():
-                if cfg.optim.grad_clip or want_norm:
-                    norm = acc.clip_grad_norm_(nets[name].parameters(), cfg.optim.grad_clip or math.inf)
-                    res.terms[f"{name}_grad_norm" if name else "grad_norm"] = norm
-                if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
-                    opt.step()  # a network without gradients (a discriminator before disc_start) is not stepped at all
-            self.schedule.after_step()
-            if self.ema is not None:
-                self.ema.update(unwrapped)
+        nets = {"": self.model, **self.networks}
+        # Without fused kernels (optim.fused=false) or under fp16's GradScaler the host reads the flag.
+        apply = self.device_skip or not bool(bad)
+        for name, opt in optimizers.items():
+            if cfg.optim.grad_clip or want_norm:
+                norm = acc.clip_grad_norm_(nets[name].parameters(), cfg.optim.grad_clip or math.inf)
+                res.terms[f"{name}_grad_norm" if name else "grad_norm"] = norm
+            if not apply or not any(p.grad is not None for group in opt.param_groups for p in group["params"]):
+                continue  # a network without gradients (a discriminator before disc_start) is not stepped at all
+            if self.device_skip:
+                step_unless(opt, bad)
+            else:
+                opt.step()
+        self.schedule.after_step()  # a skipped step still counts for the learning-rate schedule
+        if self.ema is not None and apply:
+            self.ema.update(unwrapped, bad)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
-        if res.bad:
-            return res
-        self.epoch_loss += res.terms["loss"].float()
-        s.epoch_loss_steps += 1
+        self.bad_count += bad.long()
+        self.last_bad = torch.where(bad, s.step + 1, self.last_bad)
+        self.epoch_loss += torch.where(bad, 0.0, res.terms["loss"].float())
+        self.good_steps += (~bad).long()
         return res
 
     # ------------------------------------------------------------------ the loop
@@ -345,7 +357,7 @@ class Trainer:
         accum = cfg.train.grad_accum
         probe = load_probe(cfg, acc.device) if acc.is_main_process else None
         bar = tqdm(total=self.total_steps, initial=s.step, disable=not acc.is_main_process, dynamic_ncols=True)
-        window = {"t": time.perf_counter(), "images": 0, "wait": 0.0}
+        window = {"t": time.perf_counter(), "images": 0, "inputs": 0, "wait": 0.0}
         while s.epoch < cfg.train.epochs and s.step < self.total_steps:
             self.stream = batches = self._open_epoch()
             # Whole steps; the same count on every rank (drop_last layouts, and shards skipped under
@@ -354,21 +366,27 @@ class Trainer:
             s.batch = 0
             while s.batch < micro and s.step < self.total_steps:
                 t0 = time.perf_counter()
-                log_now = (s.step + 1) % cfg.log.every == 0 or s.step + 1 == self.total_steps
+                n = s.step + 1
+                log_now = n % cfg.log.every == 0 or n == self.total_steps
+                # The host waits for the device only here: log intervals, train.sync_every, before a
+                # checkpoint (never one saved past a divergence) and at the epoch's last step.
+                sync_now = log_now or n % self.sync_every == 0 or self.checkpoints.due(n) or s.batch + accum >= micro
                 res = self._step(batches, want_norm=log_now)
                 s.step += 1
                 s.images_seen += cfg.data.batch_size
                 s.train_seconds += time.perf_counter() - t0
                 window["images"] += cfg.data.batch_size
+                window["inputs"] += res.inputs
                 window["wait"] += res.data_wait
-                if res.bad:
-                    self._count_bad_step()
+                self.totals["inputs"] += res.inputs
+                self.totals["wait"] += res.data_wait
+                preempt, interrupt = self._sync() if sync_now else (False, False)
                 if log_now:
                     self._log_step(res.terms, window, bar)
                 bar.update(1)
-                self.checkpoints.after_step(s, preempted=res.preempt or res.interrupt)
-                if res.preempt or res.interrupt:
-                    return self._stop_now(res, bar)
+                self.checkpoints.after_step(s, preempted=preempt or interrupt)
+                if preempt or interrupt:
+                    return self._stop_now(preempt, bar)
             if s.batch >= micro:  # a full epoch, not a max_steps cut
                 batches.close()
                 self.stream = None
@@ -386,12 +404,12 @@ class Trainer:
         self.close()
         return 0
 
-    def _stop_now(self, res: StepResult, bar: tqdm) -> int:
+    def _stop_now(self, preempt: bool, bar: tqdm) -> int:
         """After the stop checkpoint: say why, close the trackers, release the run folder."""
         s = self.state
-        code = PREEMPT_EXIT_CODE if res.preempt else INTERRUPT_EXIT_CODE
-        why = "preempted" if res.preempt else "interrupted"
-        self.accelerator.print(f"{why}: saved step {s.step}; exiting with {code}" + (" to be requeued" if res.preempt else ""))
+        code = PREEMPT_EXIT_CODE if preempt else INTERRUPT_EXIT_CODE
+        why = "preempted" if preempt else "interrupted"
+        self.accelerator.print(f"{why}: saved step {s.step}; exiting with {code}" + (" to be requeued" if preempt else ""))
         bar.close()
         self.close()
         return code
@@ -402,29 +420,45 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
 
-    def _count_bad_step(self) -> None:
-        s, allowed = self.state, self.cfg.train.max_bad_steps
-        s.bad_steps += 1
-        self.accelerator.print(f"warning: non-finite loss at step {s.step} ({s.bad_steps} of {allowed} allowed)")
-        if s.bad_steps > allowed:
-            newest = newest_checkpoint(self.ckpt_root)
-            kept = f"the last good checkpoint {newest} is kept" if newest else "no checkpoint was written yet"
-            raise Diverged(f"loss is not finite at step {s.step}; {kept}")
+    def _sync(self) -> tuple[bool, bool]:
+        """The host's one wait for the device between log intervals: agree on stop signals (one small
+        all-reduce) and read the skipped-step count, stopping on divergence. Returns (preempt, interrupt),
+        the same on every rank (the count is the same everywhere: it counts the all-reduced flags)."""
+        acc, s, allowed = self.accelerator, self.state, self.cfg.train.max_bad_steps
+        flags = torch.tensor([self.stop.preempt, self.stop.interrupt], dtype=torch.long, device=acc.device)
+        if self.world > 1:
+            flags = acc.reduce(flags, "sum")
+        preempt, interrupt, bad, last = torch.stack([flags[0], flags[1], self.bad_count, self.last_bad]).tolist()
+        if bad > s.bad_steps:
+            new, s.bad_steps = bad - s.bad_steps, bad
+            acc.print(f"warning: non-finite loss at step {last} ({new} step(s) skipped since the last check, "
+                      f"{s.bad_steps} of {allowed} allowed); skipped steps change no weight")
+            if s.bad_steps > allowed:
+                newest = newest_checkpoint(self.ckpt_root)
+                kept = f"the last good checkpoint {newest} is kept" if newest else "no checkpoint was written yet"
+                raise Diverged(f"loss is not finite at step {last}; {kept}")
+        return preempt > 0, interrupt > 0
 
     def _log_step(self, terms: dict[str, torch.Tensor], window: dict[str, float], bar: tqdm) -> None:
         acc, s = self.accelerator, self.state
         keys = sorted(terms)
         mean = acc.reduce(torch.stack([terms[k].float() for k in keys]).to(acc.device), "mean").tolist()
-        elapsed = time.perf_counter() - window["t"]
+        elapsed = max(time.perf_counter() - window["t"], 1e-9)  # after the reduce above: the device is done
         values = {f"train/{k}": v for k, v in zip(keys, mean)}
         values["train/lr"] = self.optimizer.param_groups[0]["lr"]
-        values["train/img_per_s"] = window["images"] / max(elapsed, 1e-9)
+        values["train/img_per_s"] = window["images"] / elapsed
         values["train/data_wait_s"] = window["wait"]
-        if acc.device.type == "cuda":
-            values["train/gpu_mem_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        values["train/data_wait_share"] = window["wait"] / elapsed
+        values["train/tflops"] = window["inputs"] * self.flops_per_input / elapsed / 1e12  # all ranks together
+        if self.peak_flops:
+            values["train/mfu"] = values["train/tflops"] * 1e12 / (self.peak_flops * self.world)
+        values["train/peak_mem_gb"] = peak_memory_gb(acc.device)
+        values["train/skipped_steps"] = s.bad_steps  # non-finite steps skipped so far (read at the sync just before)
         self.tracker.log(values, step=s.step, epoch=s.epoch)
-        bar.set_postfix(loss=f"{values['train/loss']:.4g}", lr=f"{values['train/lr']:.2g}", img_s=f"{values['train/img_per_s']:.0f}")
-        window.update(t=time.perf_counter(), images=0, wait=0.0)
+        extra = {"mfu": f"{values['train/mfu']:.1%}"} if self.peak_flops else {"tflops": f"{values['train/tflops']:.3g}"}
+        bar.set_postfix(loss=f"{values['train/loss']:.4g}", lr=f"{values['train/lr']:.2g}", img_s=f"{values['train/img_per_s']:.0f}",
+                        wait=f"{values['train/data_wait_share']:.0%}", **extra)
+        window.update(t=time.perf_counter(), images=0, inputs=0, wait=0.0)
 
     def _before_save(self) -> None:
         """Runs on every rank before each checkpoint: fold the loss sums, record the data position."""
@@ -433,9 +467,12 @@ class Trainer:
         self.state.data_position = position.to_dict() if position is not None else None
 
     def _fold_epoch_loss(self) -> None:
-        """Add the ranks' mean of the loss summed since the last fold to the state (same on every rank)."""
-        self.state.epoch_loss_sum += float(self.accelerator.reduce(self.epoch_loss.clone(), "mean"))
+        """Add the ranks' mean of the loss summed since the last fold, and the applied steps, to the state."""
+        loss_sum, good = self.accelerator.reduce(torch.stack([self.epoch_loss.double(), self.good_steps.double()]), "mean").tolist()
+        self.state.epoch_loss_sum += loss_sum
+        self.state.epoch_loss_steps += round(good)
         self.epoch_loss.zero_()
+        self.good_steps.zero_()
 
     def _end_train_epoch(self) -> None:
         """Log the epoch-mean training loss at the 1-based epoch (as val/test are) and hand it to the schedule."""
@@ -476,6 +513,16 @@ class Trainer:
             return True
         return False
 
+    def _throughput(self) -> dict[str, float]:
+        """This start's model FLOPs, TFLOP/s, MFU (GPUs in the peak table), data-wait share and peak memory."""
+        secs = max(self.state.train_seconds - self.totals["seconds_before"], 1e-9)
+        tflops = self.totals["inputs"] * self.flops_per_input / secs / 1e12
+        out = {"flops_per_image": self.flops_per_input, "tflops": tflops, "data_wait_share": self.totals["wait"] / secs,
+               "peak_mem_gb": peak_memory_gb(self.accelerator.device)}
+        if self.peak_flops:
+            out["mfu"] = tflops * 1e12 / (self.peak_flops * self.world)
+        return out
+
     def _write_summary(self) -> None:
         s = self.state
         if not self.accelerator.is_main_process:
@@ -486,7 +533,7 @@ class Trainer:
             "best_epoch": s.best_epoch, "train_seconds": s.train_seconds,
             "img_per_s": s.images_seen / max(s.train_seconds, 1e-9), "world_size": self.world,
             "mixed_precision": self.mixed_precision, "channels_last": self.channels_last, "compile": self.compiled,
-            "peak_rss_mb": vm_hwm_mb(), **self.final_metrics,
+            "peak_rss_mb": vm_hwm_mb(), **self._throughput(), **self.final_metrics,
             **self.tracker.health(),  # issue 25 item 6: {"tracker_lost": {"wandb": STEP}} when a tracker was lost mid-run
         }
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -17,12 +17,41 @@ from aedist.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, on_cuda: bool) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD over the trainable parameters; fused kernels only where CUDA runs them."""
+    """Adam, AdamW or SGD over the trainable parameters, fused unless ``optim.fused=false``.
+
+    Fused kernels (CUDA and, since torch 2.4, CPU) take a ``found_inf`` flag, as GradScaler uses them: a
+    step whose gradients are not finite is skipped inside the kernel, parameters, moments and step
+    count untouched, without the host reading the flag (:func:`step_unless`)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = cfg.fused is not False or None
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=(cfg.fused and on_cuda) or None)
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether :func:`step_unless` can skip a step of ``optimizer`` on the device (fused kernels)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps the torch one
+    return bool(inner.defaults.get("fused")) and getattr(optimizer, "scaler", None) is None
+
+
+def step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+    """Step ``optimizer`` unless the 0-d device flag ``bad`` is set, decided inside the fused kernel: no
+    host sync. Parameters without a gradient (a network that took no part in the step) are left alone."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    for group in inner.param_groups:
+        if group.get("momentum"):
+            # Fused SGD allocates a missing momentum buffer uninitialised and leaves it so on a skipped
+            # step; a zero buffer gives the same first step (buf = grad) and survives a skip intact.
+            for p in group["params"]:
+                if p.grad is not None and "momentum_buffer" not in inner.state[p]:
+                    inner.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    inner.found_inf = bad.float()
+    try:
+        inner.step()
+    finally:
+        del inner.found_inf
 
 
 class Schedule:
@@ -83,6 +112,8 @@ class EMA:
         self.decay = decay
         self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         self.averaged.requires_grad_(False)
+        # AveragedModel keeps its count on the CPU; beside the weights the masked update never syncs.
+        self.averaged.n_averaged = self.averaged.n_averaged.to(next(model.parameters()).device)
 
     @property
     def module(self) -> nn.Module:
@@ -90,9 +121,27 @@ class EMA:
         return self.averaged.module
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Fold the model's current weights in (the first update copies them)."""
-        self.averaged.update_parameters(model)
+    def update(self, model: nn.Module, bad: torch.Tensor | None = None) -> None:
+        """Fold the model's current weights in (the first update copies them), unless the 0-d device flag
+        ``bad`` is set: ``AveragedModel.update_parameters`` with ``get_ema_multi_avg_fn``'s arithmetic
+        (float tensors lerp towards the model by 1 - decay), with the weight and the count masked on the
+        device, so a skipped step costs no host sync; integer buffers are copied, not averaged."""
+        a = self.averaged
+        keep = ~bad if bad is not None else torch.ones((), dtype=torch.bool, device=a.n_averaged.device)
+        mine = [*a.module.parameters(), *a.module.buffers()]
+        theirs = [*model.parameters(), *model.buffers()]
+        weight = torch.where(a.n_averaged == 0, 1.0, 1.0 - self.decay) * keep  # the first update copies, as AveragedModel
+        by_dtype: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for e, m in zip(mine, theirs):
+            if e.is_floating_point():
+                pair = by_dtype.setdefault(e.dtype, ([], []))
+                pair[0].append(e)
+                pair[1].append(m.detach())
+            else:  # BatchNorm's num_batches_tracked: copied where the step counts
+                e.copy_(torch.where(keep, m, e))
+        for dtype, (ema, cur) in by_dtype.items():
+            torch._foreach_lerp_(ema, cur, weight.to(dtype))
+        a.n_averaged += keep.long()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Averaged weights and ``n_averaged``, contiguous (safetensors refuses strided views)."""

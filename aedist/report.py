@@ -152,7 +152,7 @@ def _row(base: str, members: list[Run], exp: Experiment | None) -> list[str]:
                         if re.fullmatch(r"test_\w+/mse", k)})
     minutes = Stat.of([m.summary["train_seconds"] / 60 for m in members]) if all(is_number(m.summary.get("train_seconds")) for m in members) else None
     return [
-        base if len(members) == 1 else f"{base} ×{len(members)}",
+        _md(base) if len(members) == 1 else f"{_md(base)} ×{len(members)}",
         data_of(exp, first)[1] if exp else first.shards,
         epochs + (f" / {exp.epochs}" if exp else ""),
         ",".join(sorted({m.precision for m in members})),
@@ -169,8 +169,21 @@ COLUMNS = ["run", "data", "epochs (/ source's)", "precision", "train time", "img
            "test MSE, best checkpoint (epoch)", "PSNR / SNR dB, clean in", "corrupted in → clean target: MSE / SNR", "kNN acc"]
 
 
+def _md(text: str) -> str:
+    """``text`` as one Markdown table cell or inline run: a '|' would split the cell, a newline end the
+    table, a backtick or '*' open code or emphasis ('_' inside a word does not). Run folder names come from the file system, which
+    allows all of these even where run.name does not."""
+    return re.sub(r"([|`*\[\]<>\\])", r"\\\1", " ".join(text.split()))
+
+
+def _file_stem(name: str) -> str:
+    """``name`` made safe as a file name and a Markdown link target (no spaces, brackets, '|')."""
+    return re.sub(r"[^\w.-]", "_", name)
+
+
 def _table(head: list[str], rows: Iterable[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows), ""]
+    cell = lambda c: re.sub(r"(?<!\\)\|", r"\\|", " ".join(c.split()))  # noqa: E731 - cells hold Markdown: escape only what breaks the table
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(map(cell, r)) + " |" for r in rows), ""]
 
 
 def _figure_path(run: Run, key: str) -> Path | None:
@@ -184,7 +197,7 @@ def _figure_path(run: Run, key: str) -> Path | None:
 
 
 def _figures(run: Run, keys: list[str], fig_dir: Path) -> list[str]:
-    lines = [f"**{run.name}**", ""]
+    lines = [f"**{_md(run.name)}**", ""]
     for key in keys:
         src = _figure_path(run, key)
         name, _, at = key.partition("@")
@@ -192,8 +205,8 @@ def _figures(run: Run, keys: list[str], fig_dir: Path) -> list[str]:
         if src is None:
             lines.append(f"- figure `{key}` not found in {run.path}/figures (evaluate the run: python launch/evaluate.py {run.path})")
             continue
-        (fig_dir / f"{run.name}_{stem}.png").write_bytes(src.read_bytes())
-        lines.append(f"![{run.name} {key}](figures/{run.name}_{stem}.png)")
+        (fig_dir / f"{_file_stem(run.name)}_{stem}.png").write_bytes(src.read_bytes())
+        lines.append(f"![{_md(run.name)} {key}](figures/{_file_stem(run.name)}_{stem}.png)")
     return [*lines, ""]
 
 
@@ -240,7 +253,7 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
              "(eval_best.json); train time excludes evaluation.", ""]
     lines += _table(COLUMNS, (_row(b, groups[b], exp_of.get(b)) for b in order))
     if unfinished:
-        lines += [f"Unfinished (no summary.json; they resume where they stopped), left out: {', '.join(f'{n} ({p})' for n, p in unfinished.items())}.", ""]
+        lines += [f"Unfinished (no summary.json; they resume where they stopped), left out: {', '.join(f'{_md(n)} ({p})' for n, p in unfinished.items())}.", ""]
     refs = [(exp, r) for exp in study.experiments.values() for r in exp.references]
     if refs:
         lines += ["## The sources' own numbers beside ours", ""]

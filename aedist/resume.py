@@ -130,7 +130,9 @@ class RunLock:
     its own killed predecessor; a second live run with the same folder is refused in one line."""
 
     def __init__(self, run_dir: Path) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        from aedist.checkpoint import check_writable
+
+        check_writable(run_dir, "make it writable, or set run.dir to a writable folder (a run writes its checkpoints there)")
         self.path = run_dir / ".lock"
         self.fh = open(self.path, "a+")  # noqa: SIM115 - held open for the life of the run
         try:

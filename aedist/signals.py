@@ -3,7 +3,8 @@
 Installed first thing by ``launch/train.py`` (before torch is imported, which takes seconds), and
 never removed, so a signal at any moment of a run (start-up, training, shutdown) is handled:
 
-- SIGUSR1 / SIGTERM (preemption, time limit, ``scontrol requeue``): save, exit 75, requeue me;
+- SIGUSR1 / SIGUSR2 / SIGTERM (preemption, time limit, ``scontrol requeue``): save, exit 75, requeue me
+  (``train.preempt_signal`` names the one re-installed after the process group is up);
 - SIGINT (Ctrl-C): save, exit 130; a second Ctrl-C exits at once.
 """
 
@@ -25,10 +26,16 @@ class StopRequests:
         self.interrupt = False
 
     def install(self) -> StopRequests:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        # USR2 too, from the start: it is train.preempt_signal's alternative, and its default action kills.
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, self._on_preempt)
         signal.signal(signal.SIGINT, self._on_interrupt)
         return self
+
+    def listen(self, name: str) -> None:
+        """(Re)install the preemption handler for SIG``name`` (train.preempt_signal) once the process group
+        is up: some NCCL versions replace a SIGUSR1 handler while they initialise (NVIDIA/nccl#704)."""
+        signal.signal(getattr(signal, f"SIG{name}"), self._on_preempt)
 
     def _on_preempt(self, signum: int, frame: object) -> None:
         self.preempt = True

@@ -78,11 +78,6 @@ class Tracker:
                 raise UserError(f"W&B could not start in mode {_wandb_mode(cfg)!r} ({first}); run `wandb login` or set "
                                 "WANDB_API_KEY, or use log.wandb=offline and `wandb sync` later") from None
 
-    @property
-    def trackers_lost(self) -> bool:
-        """Whether any tracker was lost (callers before :attr:`lost` existed)."""
-        return bool(self.lost)
-
     def log(self, values: dict[str, float], step: int, epoch: int) -> None:
         """Scalars to every tracker and one JSON line; non-finite values are kept as strings in JSONL."""
         if not self.enabled:
@@ -142,8 +137,8 @@ class Tracker:
         self.lost[name] = step
         cause = " ".join(why.split())[:200]
         # tqdm.write: on a line of its own, not glued to the progress bar that shares stderr
-        tqdm.write(f"warning: {name} tracking lost at step {step} ({cause}); metrics.jsonl and figures/ in {self.run_dir} "
-                   f"stay complete, and summary.json records tracker_lost", file=sys.stderr)
+        tqdm.write(f"warning: the trackers failed: {name} is lost from step {step} ({cause}); {self.run_dir / 'metrics.jsonl'} "
+                   f"and figures/ stay complete, and summary.json records it as tracker_lost", file=sys.stderr)
         if name == "wandb":
             _drop_wandb(self.accelerator.get_tracker("wandb", unwrap=True))
 

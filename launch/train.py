@@ -6,14 +6,15 @@
 
 Exit codes: 0 done, 2 bad input (one line on stderr), 75 preempted with a checkpoint saved (requeue me),
 130 interrupted (Ctrl-C) with a checkpoint saved, 1 training diverged (non-finite loss; the last good
-checkpoint is kept), 74 a checkpoint could not be written (disk full; older checkpoints are kept).
+checkpoint is kept), 74 a checkpoint could not be written (disk full; older checkpoints are kept),
+124 a rank did not arrive at a collective within train.collective_timeout_s (the newest checkpoint is kept).
+Under ``accelerate launch`` these are each worker's codes; the launcher itself exits 1 on any failure.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 
 from aedist.signals import STOP
@@ -21,7 +22,7 @@ from aedist.signals import STOP
 STOP.install()  # before anything slow: a signal during start-up is a stop request, not a kill
 
 from aedist.config import load_config  # noqa: E402
-from aedist.errors import run_cli  # noqa: E402
+from aedist.errors import PEER_LOST_EXIT, collective_failure, leave, run_cli, say_once  # noqa: E402
 from aedist.sweeps import sweep_args  # noqa: E402
 
 DEBUG_OVERRIDES = ["data.limit=512", "train.max_steps=8", "train.epochs=1", "log.wandb=offline", "log.every=1"]
@@ -48,18 +49,22 @@ def main(argv: Sequence[str]) -> int:
     try:
         code = train(cfg, debug=args.debug)
     except Diverged as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        say_once(f"error: {err}")  # every rank stops together with the same line: printed once
         code = 1
     except CheckpointError as err:  # the disk is full or gone: not the user's input, not divergence
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        say_once(f"error: {err}")
         code = 74
+    except RuntimeError as err:  # a collective that failed because of another rank: one line, not a gloo traceback
+        found = collective_failure(err, cfg.train.collective_timeout_s)
+        if found is None:
+            raise
+        line, code = found
+        say_once(line, to_agent=code != PEER_LOST_EXIT)  # a rank that only lost its peer is never the root cause
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Everything is saved, flushed and closed by now. A rank of a finished multi-process run
         # sometimes aborted in torch's exit-time C++ destructors ("terminate called without an active
         # exception", SIGABRT), turning success into a failed job; leave without running them.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        leave(code)
     return code
 
 

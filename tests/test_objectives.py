@@ -69,6 +69,16 @@ def test_missing_lpips_weights_offline_are_refused_before_step_1(tmp_path: Path,
     assert "\n" not in str(err.value) and "fetch_weights.py" in str(err.value)
 
 
+@pytest.mark.parametrize("override", ["objective.params={perceptual_weight: 1.0, lpips_net: vgg}", "eval.metrics=[mse, lpips]"])
+def test_train_without_lpips_weights_exits_2_in_one_line(tmp_path: Path, tiny_shards: Path, train: RunFn, override: str) -> None:
+    cfg = _gan_config(tmp_path, tiny_shards, "offline")
+    proc = train(cfg, override, env={"TORCH_HOME": str(tmp_path / "empty")})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "hub/checkpoints" in proc.stderr and "fetch_weights.py" in proc.stderr
+    assert not (tmp_path / "runs/offline/checkpoints").exists()  # refused before step 1
+
+
 def test_unknown_objective_param_names_the_key() -> None:
     with pytest.raises(UserError, match="objective.params.disc_strat"):
         load_config("configs/debug.yaml", ["objective.name=lpips_gan", "objective.params={disc_strat: 5}"])

@@ -111,7 +111,10 @@ def pack(
     Returns the manifest, or None for an array task that finished its shards while others still run.
     ``finish_only`` (``--finish``, the final step after an array job) packs nothing: it checks every
     shard's sha256 and writes ``manifest.json`` if no task did, or raises UserError naming what is missing.
+    Every number is checked first (:func:`check_pack_args`): one line naming the option and the fix.
     """
+    check_pack_args(dataset, size=size, samples_per_block=samples_per_block, blocks_per_shard=blocks_per_shard, seed=seed,
+                    val_fraction=val_fraction, workers=workers, task_index=task_index, task_count=task_count)
     if dataset == "folder":
         if source is None:
             raise UserError("folder needs --source DIR with one sub-folder of images per class")
@@ -133,6 +136,37 @@ def pack(
         desc["base"] = base
     return write_shards(out, raw.splits, raw.classes, samples_per_block=samples_per_block, blocks_per_shard=blocks_per_shard,
                         seed=seed, source=desc, force=force, progress=progress)
+
+
+MAX_SIZE = 4096  # image side; beyond it a block of even a few images is GiBs and no model here trains on it
+MAX_BLOCK_BYTES = 2 << 30  # one tar member is read whole by every loader rank: keep a block well under the RAM of a node
+
+
+def check_pack_args(dataset: str, *, size: int, samples_per_block: int, blocks_per_shard: int, seed: int, val_fraction: float,
+                    workers: int | None, task_index: int, task_count: int) -> None:
+    """UserError, one line naming the option and the fix, for a number the packer cannot use (before
+    anything is read or written: a size of 0 would otherwise fail deep inside numpy or mmap). ``size`` is
+    only used, so only checked, for a folder; the other datasets keep their own image size."""
+    if dataset == "folder" and not 4 <= size <= MAX_SIZE:
+        raise UserError(f"--size {size}: the image side must be in 4..{MAX_SIZE} pixels, e.g. --size 96")
+    if samples_per_block < 1 or blocks_per_shard < 1:
+        raise UserError(f"--samples-per-block {samples_per_block} / --blocks-per-shard {blocks_per_shard}: both must be >= 1 "
+                        "(defaults 1024 and 64)")
+    if dataset == "folder" and (block := samples_per_block * 3 * size * size) > MAX_BLOCK_BYTES:
+        fit = max(MAX_BLOCK_BYTES // (3 * size * size), 1)
+        raise UserError(f"--samples-per-block {samples_per_block} at --size {size} makes blocks of {block / 2**30:.1f} GiB "
+                        f"(at most {MAX_BLOCK_BYTES / 2**30:g}); pass --samples-per-block {fit} or less")
+    if seed < 0:
+        raise UserError(f"--seed {seed}: must be >= 0")
+    if not 0 <= val_fraction < 1:  # also NaN
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers {workers}: must be >= 1 (or 0: the CPUs available)")
+    if task_count < 1:
+        raise UserError(f"--task-count {task_count}: must be >= 1 (the number of array tasks; 1 without an array)")
+    if not 0 <= task_index < task_count:
+        raise UserError(f"--task-index {task_index} must be in 0..{task_count - 1} (--task-count {task_count}); "
+                        "with sbatch --array=0-K pass --task-count K+1")
 
 
 # ----------------------------------------------------------------------------- the plan

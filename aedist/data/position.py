@@ -151,16 +151,23 @@ class DataPosition:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataPosition:
-        """Inverse of :meth:`to_dict`; a damaged record is a UserError, not a wrong epoch."""
+        """Inverse of :meth:`to_dict`; a damaged record is a UserError, not a wrong epoch. Every field must
+        have its type (an int is no bool, a count never negative) and the layouts must fit the epoch."""
         try:
+            if not isinstance(d, dict):
+                raise ValueError(f"a {type(d).__name__}, not an object")
             if d.get("version") != VERSION:
                 raise ValueError(f"version {d.get('version')!r}, expected {VERSION}")
-            pos = cls(str(d["split"]), int(d["seed"]), int(d["epoch"]), int(d["limit"]), bool(d["shuffle"]),
-                      int(d["shuffle_buffer"]), int(d["total"]),
-                      tuple(Layout(int(g["world"]), int(g["span"]), int(g["consumed"])) for g in d["layouts"]))
+            if not isinstance(d["split"], str) or not isinstance(d["shuffle"], bool):
+                raise ValueError("split must be a string and shuffle true or false")
+            if not isinstance(d["layouts"], list):
+                raise ValueError("layouts must be a list")
+            pos = cls(d["split"], _count(d, "seed"), _count(d, "epoch"), _count(d, "limit"), d["shuffle"],
+                      _count(d, "shuffle_buffer"), _count(d, "total"),
+                      tuple(Layout(_count(g, "world"), _count(g, "span"), _count(g, "consumed")) for g in d["layouts"]))
             pos._validate()
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise UserError(f"the saved data position is damaged ({err}): {d!r}") from None
+            raise UserError(f"the saved data position is damaged ({err}): {repr(d)[:200]}") from None
         return pos
 
     def _validate(self) -> None:
@@ -171,6 +178,14 @@ class DataPosition:
             if g.world < 1 or g.span < 0 or not 0 <= g.consumed <= g.span or g.world * g.span > length:
                 raise ValueError(f"layout {g} does not fit in {length} samples")
             length = g.world * (g.span - g.consumed)
+
+
+def _count(d: Any, key: str) -> int:
+    """``d[key]`` as a count: an int (not a bool), >= 0; ValueError otherwise."""
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{key} is {v!r}, expected an integer >= 0")
+    return v
 
 
 def _take(seq: list[Interval], start: int, stop: int) -> list[Interval]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -154,16 +155,55 @@ class FolderListing:
     """Changes when a file is added, removed, renamed, resized or touched: tells one folder state from another."""
 
 
+def _image_entries(folder: Path, broken: list[str]) -> list[os.DirEntry]:
+    """The image files directly in ``folder``, sorted by name. A symbolic link that dangles or loops
+    (``ln -s x.png x.png``) is appended to ``broken`` and left out; the walk never descends, so a link to a
+    folder (``ln -s . loop``) cannot make it recurse."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as err:
+        raise UserError(f"cannot read image folder {folder} ({err.strerror}); fix its permissions or remove it from --source") from None
+    found = []
+    for e in entries:
+        if e.name.startswith(".") or os.path.splitext(e.name)[1].lower() not in FOLDER_EXTS:
+            continue
+        try:
+            if e.is_file():  # follows a link; raises for a link loop (ELOOP), False for a dangling one
+                e.stat()
+                found.append(e)
+            elif e.is_symlink():
+                broken.append(e.path)
+        except OSError:
+            broken.append(e.path)
+    return sorted(found, key=lambda e: e.name)
+
+
 def list_folder(source: str | Path) -> FolderListing:
     """List ``ROOT/CLASS/*`` (all train) or ``ROOT/{train,val,test}/CLASS/*`` images, sorted; no decoding.
 
     Files with an image suffix (FOLDER_EXTS, any case) count; hidden files (``.*``, e.g. macOS ``._x.jpg``) do not.
+    Symbolic links that dangle or loop, and class folders that link back to the root or above it (a loop:
+    ``ln -s .. CLASS``), are left out with one warning line counting them.
     """
     root = Path(source)
     if not root.is_dir():
         raise UserError(f"image folder {root} not found; pass --source DIR with one sub-folder per class")
     split_dirs = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()} or {"train": root}
-    classes = sorted({d.name for sd in split_dirs.values() for d in sd.iterdir() if d.is_dir() and not d.name.startswith(".")})
+    above = {root.resolve(), *root.resolve().parents}
+    broken: list[str] = []
+
+    def is_class(d: Path) -> bool:
+        if d.name.startswith(".") or not d.is_dir():  # is_dir is False for a looping link
+            return False
+        if d.is_symlink() and d.resolve() in above:  # reading it would list the tree again as one class
+            broken.append(str(d))
+            return False
+        return True
+
+    try:
+        classes = sorted({d.name for sd in split_dirs.values() for d in sd.iterdir() if is_class(d)})
+    except OSError as err:
+        raise UserError(f"cannot read image folder {root} ({err.strerror}); fix its permissions") from None
     if not classes:
         raise UserError(f"{root} has no class sub-folders (expected ROOT/CLASS/image.png)")
     h = hashlib.sha256()
@@ -171,17 +211,17 @@ def list_folder(source: str | Path) -> FolderListing:
     for split, sd in split_dirs.items():
         files = []
         for ci, c in enumerate(classes):
-            if not (sd / c).is_dir():
+            if not (sd / c).is_dir() or str(sd / c) in broken:
                 continue
-            entries = sorted((e for e in os.scandir(sd / c) if not e.name.startswith(".")
-                              and os.path.splitext(e.name)[1].lower() in FOLDER_EXTS and e.is_file()), key=lambda e: e.name)
             prefix = os.path.relpath(sd / c, root)
-            for e in entries:
+            for e in _image_entries(sd / c, broken):
                 st = e.stat()
                 rel = os.path.join(prefix, e.name)
                 h.update(f"{split}\0{rel}\0{ci}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
                 files.append((rel, ci))
         splits[split] = files
+    if broken:
+        print(f"warning: left out {len(broken)} symbolic link(s) in {root} that dangle or loop, e.g. {broken[0]}", file=sys.stderr, flush=True)
     return FolderListing(root, classes, splits, h.hexdigest())
 
 

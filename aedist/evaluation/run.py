@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from aedist import metrics
-from aedist.checkpoint import newest_checkpoint, read_matching_state
+from aedist.checkpoint import DamagedCheckpoint, TrainState, check_files, check_writable, named_checkpoint, newest_usable, read_matching_state
 from aedist.config import Config, config_from_dict, read_yaml
 from aedist.data import read_manifest
 from aedist.data.remote import set_cache_defaults
@@ -27,19 +28,48 @@ from aedist.optim import find_ema_state
 
 def load_weights(cfg: Config, folder: Path, weights: str, device: torch.device | str) -> tuple[nn.Module, bool]:
     """The run's model in eval mode with a checkpoint's weights: its EMA weights for ``weights="auto"``
-    where it has them (or ``"ema"``, which insists), else ``model.safetensors``; and whether they were EMA."""
+    where it has them (or ``"ema"``, which insists), else ``model.safetensors``; and whether they were EMA.
+    A missing, truncated or foreign weights file is :class:`DamagedCheckpoint` (a one-line UserError)."""
     model = build_model(cfg.model).to(device)
+    # The EMA lives in a custom_checkpoint_N.pkl; find_ema_state skips one that does not load, so a truncated
+    # one would silently give the raw weights: check the files first.
+    check_files(folder, ("model.safetensors",) + (("custom_checkpoint_*.pkl",) if weights != "raw" else ()))
     try:
         model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
     except Exception as err:  # noqa: BLE001 - a missing, truncated or foreign weights file
-        raise UserError(f"{folder}/model.safetensors cannot be read ({type(err).__name__}); "
-                        "use another checkpoint with --checkpoint step-N") from None
+        raise DamagedCheckpoint(folder, f"model.safetensors cannot be read ({type(err).__name__})",
+                                "use another checkpoint with --checkpoint step-N") from None
     ema = find_ema_state(folder) if weights != "raw" else None
     if weights == "ema" and ema is None:
         raise UserError(f"{folder} holds no EMA weights (the run had train.ema_decay=0); use --weights raw")
     if ema is not None:
         model.load_state_dict({k: v.to(device) for k, v in ema.items()})
     return model.eval(), ema is not None
+
+
+def load_checkpoint_weights(cfg: Config, run: Path, checkpoint: str | None, weights: str, device: torch.device | str,
+                            warn: Callable[[str], None]) -> tuple[TrainState, nn.Module, bool, Path]:
+    """State, model and EMA flag of a run's checkpoint: ``checkpoint`` (a folder name inside checkpoints/,
+    damaged = one line), or else the newest usable one, falling back past damaged ones with a ``warn`` line
+    each, by the same path as training's resume (:func:`aedist.checkpoint.newest_usable`)."""
+    root = run / "checkpoints"
+    fix = f"it does not belong to {run}/config.yaml"
+
+    def load(folder: Path) -> tuple[TrainState, nn.Module, bool]:
+        state = read_matching_state(folder, cfg.model_hash(), fix=fix)
+        return (state, *load_weights(cfg, folder, weights, device))
+
+    if checkpoint is not None:
+        folder = named_checkpoint(root, checkpoint)
+        try:
+            return (*load(folder), folder)
+        except DamagedCheckpoint as err:  # named by the user: no silent fallback to another one
+            raise DamagedCheckpoint(folder, err.problem, "pass another --checkpoint, or none for the newest usable one") from None
+    found = newest_usable(root, load, warn, f"train the run again (train.resume=never) or restore a checkpoint into {root}")
+    if found is None:
+        raise UserError(f"{run} has no complete checkpoint; train it first")
+    (state, model, ema), folder = found
+    return state, model, ema, folder
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | None = None, wandb: bool = True,
@@ -55,10 +85,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     cfg = config_from_dict(read_yaml(run / "config.yaml", "run config"))
     set_cache_defaults(cfg.data.cache_dir, cfg.data.cache_max_gb)
     cfg.run.dir, cfg.run.name = str(run.parent), run.name
-    folder = run / "checkpoints" / checkpoint if checkpoint else newest_checkpoint(run / "checkpoints")
-    if folder is None or not (folder / "COMPLETE").exists():
-        raise UserError(f"{run} has no complete checkpoint{' ' + checkpoint if checkpoint else ''}; train it first")
-    state = read_matching_state(folder, cfg.model_hash(), fix=f"it does not belong to {run}/config.yaml")
+    # A read-only run folder, a damaged checkpoint or a bad --checkpoint: told before minutes of evaluation.
+    check_writable(run, f"evaluate a writable copy (cp -r {run} /tmp/{run.name}) or remount it read-write (eval.json and figures go there)")
+    state, model, ema, folder = load_checkpoint_weights(cfg, run, checkpoint, weights, "cpu", print)  # moved to acc.device below
     check_backbones(cfg.eval.metrics, cfg.eval.lpips_net, tuple(read_manifest(cfg.data.shards).shape[-2:]))  # offline: no weights, no start
     if not wandb:
         cfg.log.wandb = "disabled"
@@ -66,7 +95,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
 
     acc = Accelerator(cpu=cfg.train.cpu or not torch.cuda.is_available(), log_with=trackers_for(cfg) or None,
                       project_dir=str(run))
-    model, ema = load_weights(cfg, folder, weights, acc.device)
+    model.to(acc.device)
 
     values, latents = evaluate_split(model, cfg, acc, split)
     values.update(knn_metric(model, cfg, acc, latents))

@@ -114,7 +114,7 @@ class LpipsGan(Objective):
         p, c = self.params, self.cfg.loss
         perceptual = (f"{p.perceptual_weight:g} * LPIPS-{p.lpips_net}" if self.uses_lpips
                       else "no LPIPS term (objective.params.perceptual_weight=0: its weights are not needed)")
-        return (f"objective lpips_gan: {c.name} + {perceptual} + {c.beta:g} * KL + {p.disc_weight:g} * λ * {p.gen_loss} GAN loss; "
+        return (f"objective lpips_gan: {c.name} + {perceptual} + {c.beta:g} * KL (models with a posterior) + {p.disc_weight:g} * λ * {p.gen_loss} GAN loss; "
                 f"PatchGAN ({p.disc_layers} layers, ndf {p.disc_ndf}, {p.disc_norm} norm, {p.disc_loss} loss) from step {p.disc_start + 1}")
 
     def optimizers(self, networks: dict[str, nn.Module], on_cuda: bool) -> dict[str, torch.optim.Optimizer]:
@@ -122,9 +122,10 @@ class LpipsGan(Objective):
         o = self.cfg.optim
         lr = p.disc_lr if p.disc_lr is not None else o.lr
         params = networks["disc"].parameters()
+        fused = o.fused is not False or None  # as the model's: fused kernels skip a non-finite step on the device
         if o.name == "sgd":  # the model's optimizer family, with the discriminator's own learning rate
-            return {"disc": torch.optim.SGD(params, lr=lr, momentum=o.momentum)}
-        return {"disc": torch.optim.Adam(params, lr=lr, betas=tuple(p.disc_betas))}
+            return {"disc": torch.optim.SGD(params, lr=lr, momentum=o.momentum, fused=fused)}
+        return {"disc": torch.optim.Adam(params, lr=lr, betas=tuple(p.disc_betas), fused=fused)}
 
     def _lpips(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean LPIPS of model-space images (in [-1, 1] where data.normalize, else [0, 1])."""
