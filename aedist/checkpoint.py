@@ -321,7 +321,7 @@ def check_files(folder: Path, patterns: tuple[str, ...]) -> None:
             except (OSError, zipfile.BadZipFile, EOFError, ValueError):
                 bad = "?"
             if bad is not None:
-                raise DamagedCheckpoint(folder, f"{path.name} truncated or corrupt")
+                raise DamagedCheckpoint(folder, f"{path.name} cannot be read: truncated or corrupt")
 
 
 def _check_safetensors(folder: Path, path: Path) -> None:
@@ -335,7 +335,7 @@ def _check_safetensors(folder: Path, path: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         whole = False
     if not whole:
-        raise DamagedCheckpoint(folder, f"{path.name} truncated or corrupt")
+        raise DamagedCheckpoint(folder, f"{path.name} cannot be read: truncated or corrupt")
 
 
 TRAIN_FILES = ("*.safetensors", "*.bin", "*.pkl", "*.pt")  # what Accelerate's load_state reads
@@ -366,13 +366,15 @@ def newest_usable(root: Path, load: Callable[[Path], T], warn: Callable[[str], N
     is no checkpoint; a one-line UserError ending in ``fix`` when every one is damaged. The one fallback
     path of training (``load`` restores Accelerate's state) and evaluate.py (``load`` reads the weights)."""
     found = list_checkpoints(root)
+    problems = []
     for folder in reversed(found):
         try:
             return load(folder), folder
         except DamagedCheckpoint as err:
             warn(f"warning: checkpoint {folder} is damaged ({err.problem}); trying the one before it")
+            problems.append(f"{folder.name}: {err.problem}")
     if found:
-        raise UserError(f"no usable checkpoint in {root} (all {len(found)} damaged); {fix}")
+        raise UserError(f"no usable checkpoint in {root} (all {len(found)} damaged; {'; '.join(problems[:3])}); {fix}")
     return None
 
 

@@ -92,6 +92,7 @@ class DataConfig:
     normalize: Bool = _f(False, "Feed and reconstruct (x - 0.5) / 0.5 instead of [0, 1].")
     on_error: Literal["raise", "skip"] = _f("raise", "A corrupt shard stops the run, or is skipped and counted.")
     pin_memory: Bool = _f(True, "Pin host batches before the device copy (only used with CUDA).")
+    prefetch: AutoBool = _f("auto", "Read, pin and copy the next training batch on a thread during the step; auto = on with CUDA.")
     cache_dir: Str = _f("~/.cache/aedist/shards", "Local cache for shards read from a URL.")
     cache_max_gb: Num = _f(50.0, "Size bound of the URL shard cache; least recently used shards go first.", gt=0)
 

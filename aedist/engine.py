@@ -152,6 +152,8 @@ class Trainer:
         self.good_steps = torch.zeros((), dtype=torch.long, device=acc.device)
         self.device_skip = all(skips_on_device(o) for o in (self.optimizer, *self.extra_optimizers.values()))
         self.sync_every = t.sync_every or cfg.log.every
+        # On a 2-core CPU a reader thread only competes with the step's own threads; on CUDA it hides the read.
+        self.prefetch = cfg.data.prefetch if cfg.data.prefetch != "auto" else device.type == "cuda"
         self.totals = {"inputs": 0, "wait": 0.0, "seconds_before": self.state.train_seconds}  # this start's throughput
         # After the process group is up: NCCL may have installed its own SIGUSR1 handler (NVIDIA/nccl#704).
         self.stop.listen(t.preempt_signal)
@@ -273,7 +275,8 @@ class Trainer:
         stream = load_batches(
             cfg.data.shards, "train", self.per_rank, self.rank, self.world, seed=cfg.train.seed, epoch=s.epoch,
             device=acc.device, position=pos, start_batch=0 if pos else s.batch, batches_per_step=cfg.train.grad_accum,
-            limit=cfg.data.limit, on_error=cfg.data.on_error, shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=cfg.data.pin_memory)
+            limit=cfg.data.limit, on_error=cfg.data.on_error, shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=cfg.data.pin_memory,
+            prefetch=self.prefetch)
         if pos is not None and stream.start is not None:
             acc.print(f"data position: {stream.start.describe()}")
         return stream

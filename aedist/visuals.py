@@ -174,6 +174,10 @@ def _project(z: np.ndarray, method: str, dims: int, seed: int) -> tuple[np.ndarr
         var = pca.explained_variance_ratio_
         return pca.transform(z), [f"PC{i + 1} ({100 * v:.0f}% var)" for i, v in enumerate(var)], "PCA"
     if method == "tsne":
+        if np.ptp(z, axis=0).max(initial=0.0) <= 1e-12 or not np.isfinite(z).all():
+            # A collapsed latent (every point equal: dead ReLUs) or a non-finite one crashes scikit-learn's
+            # Barnes-Hut t-SNE (a segfault, not an exception): nothing to embed, all points at the origin.
+            return np.zeros((len(z), dims)), [f"t-SNE {i + 1} (latents collapsed)" for i in range(dims)], "t-SNE"
         # perplexity must stay below N; ~N/3 keeps tiny probe sets well-posed.
         perplexity = float(max(2.0, min(30.0, (len(z) - 1) / 3)))
         # One OpenMP thread: on a busy 2-core box (2 training ranks, other tests) t-SNE's spinning

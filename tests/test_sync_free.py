@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_engine import RunFn, _start, _wait_for, write_config
 
 from aedist.config import load_config
@@ -175,3 +176,65 @@ def test_throughput_is_logged_and_summarised(tmp_path: Path, tiny_shards: Path) 
     assert all("train/mfu" not in r for r in rows)  # a CPU has no peak in the table: no MFU
     summary = json.loads((tmp_path / "tp/summary.json").read_text())
     assert summary["flops_per_image"] == trainer.flops_per_input and summary["tflops"] > 0 and "mfu" not in summary
+
+
+# ---------------------------------------------------------------- one-batch-ahead prefetch
+
+
+def test_prefetch_yields_the_same_batches_positions_and_errors(tiny_shards: Path, tmp_path: Path) -> None:
+    from aedist.data import load_batches
+    from aedist.errors import UserError
+
+    for rank in (0, 1):
+        plain = load_batches(tiny_shards, "train", 24, rank, 2, seed=5, epoch=1, return_ids=True)
+        ahead = load_batches(tiny_shards, "train", 24, rank, 2, seed=5, epoch=1, return_ids=True, prefetch=True)
+        for k, (a, b) in enumerate(zip(plain, ahead)):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+            assert ahead.position == plain.position  # counts batches handed out, not read ahead
+            if k == 2:
+                break
+        resumed = load_batches(tiny_shards, "train", 24, rank, 2, seed=5, epoch=1, position=ahead.position.to_dict(), prefetch=True)
+        rest = list(plain)
+        assert len(rest) == len(resumed) and all(torch.equal(a[0], b[0]) for a, b in zip(rest, resumed))
+        ahead.close()
+    # A damaged shard surfaces at the batch that reads it, as without prefetch.
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_shards, bad)
+    shard = sorted(bad.glob("train-*.tar"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-700])
+    with pytest.raises(UserError, match=shard.name):
+        list(load_batches(bad, "train", 32, shuffle=False, prefetch=True))
+
+
+@pytest.mark.slow
+def test_prefetch_kill_9_resume_equals_the_uninterrupted_run_without_it(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
+    from test_engine import _slow_resumable, max_diff, start_and_kill, weights
+
+    ref = _slow_resumable(tmp_path, tiny_shards, "ref")
+    assert train(ref).returncode == 0
+    cfg, run = _slow_resumable(tmp_path, tiny_shards, "ahead"), tmp_path / "runs/ahead"
+    sections = yaml.safe_load(cfg.read_text())
+    sections["data"]["prefetch"] = True  # the reference ran without it: the same samples in the same order
+    cfg.write_text(yaml.safe_dump(sections))
+    start_and_kill(cfg, run, 40)
+    resumed = train(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["resumed_from"][0] >= 40
+    assert max_diff(weights(run), weights(tmp_path / "runs/ref")) <= 1e-6
+
+
+@pytest.mark.slow
+def test_prefetch_elastic_2_to_1_uses_every_sample_once(tmp_path: Path, tiny_shards: Path, run_py: RunFn) -> None:
+    import numpy as np
+    from test_elastic import _config, _consumed, _launch
+
+    cfg, dump = _config(tmp_path, tiny_shards, "elastic"), tmp_path / "ids"
+    dump.mkdir()
+    assert _launch(run_py, cfg, 2, "train.max_steps=2", "data.prefetch=true", dump=dump).returncode == 0
+    second = _launch(run_py, cfg, 1, "train.max_steps=0", "data.prefetch=true", dump=dump)
+    assert second.returncode == 0, second.stderr[-2000:]
+    epoch0, epoch1 = _consumed(dump, 0), _consumed(dump, 1)
+    assert len(np.unique(epoch0)) == len(epoch0) and 0 <= 256 - len(epoch0) < 256 % 48 + 48
+    assert len(np.unique(epoch1)) == len(epoch1) == 256 // 48 * 48

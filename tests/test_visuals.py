@@ -87,3 +87,11 @@ def test_rotation_panel_with_per_image_angles_and_bad_dims() -> None:
     _is_image(visuals.interpolation_strip(torch.rand(2, 10, 1, 8, 8), row_labels=["a->b", "c->d"]))
     with pytest.raises(ValueError):
         visuals.latent_scatter(np.zeros((10, 2)), np.zeros(10), dims=3)
+
+
+@pytest.mark.parametrize("z", [np.zeros((40, 8), np.float32), np.full((40, 8), np.nan, np.float32)])
+def test_tsne_of_collapsed_or_non_finite_latents_draws_instead_of_crashing(z: np.ndarray) -> None:
+    # scikit-learn's Barnes-Hut t-SNE segfaults on identical points (a ReLU latent that died: seen on the
+    # MLP AE with random pixels); the scatter must still be drawn, with its axes saying why it is empty.
+    img = visuals.latent_scatter(z, np.arange(40) % 4, method="tsne")
+    assert img.ndim == 3 and img.shape[2] == 3

@@ -68,9 +68,14 @@ class Bench:
     window: int
     engine_cases: tuple[str, ...] = ("engine defaults", "engine defaults + compile", "engine fp32")
     rounds: int = 3  # at most; --repeats lowers it
+    overrides: tuple[str, ...] = ()  # applied to the config in every case, the plain loop's included
 
 
 BENCHES = [
+    # Overhead-bound: seed 004's MLP AE (622,504 params) at batch 64, a step of ~1 ms here, so per-step Python
+    # and host-device syncs, not arithmetic, decide the rate (what the sync-free step is measured on).
+    Bench("mlp-overhead", "configs/seeds/mnist_mlp.yaml", steps=1200, window=100, engine_cases=("engine defaults", "engine fp32"),
+          overrides=("data.batch_size=64", "eval.corruptions={}", "optim.scheduler=none")),
     Bench("seed000", "configs/seeds/fashion_baseline.yaml", steps=400, window=50),  # ~25-35 ms a step here
     Bench("seed000-rotated", "configs/seeds/fashion_rotated.yaml", steps=150, window=25),  # ~0.15-0.3 s a step
     Bench("stl10", "configs/seeds/stl10_compress.yaml", steps=12, window=2),  # ~3-7 s a step here: few steps
@@ -110,9 +115,10 @@ def _warmup_s(first: float, steady: float, images_per_window: int) -> float:
 # ----------------------------------------------------------------------------- the plain loop (child process)
 
 
-def _plain(config: str, shards: str, steps: int, window: int, fast: bool = False) -> dict[str, float]:
-    """The seed's fp32 loop for ``config``'s model on ``shards`` (``fast``: bf16 autocast + channels_last);
-    steady inputs/s and peak RSS."""
+def _plain(config: str, shards: str, steps: int, window: int, fast: bool = False, overrides: tuple[str, ...] = ()) -> dict[str, float]:
+    """The seed's fp32 loop for ``config``'s model on ``shards`` (``fast``: bf16 autocast + channels_last),
+    on CUDA where there is one (batches copied from pinned memory as a DataLoader user does); steady
+    inputs/s and peak memory (RSS, or CUDA's peak allocation)."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -122,7 +128,8 @@ def _plain(config: str, shards: str, steps: int, window: int, fast: bool = False
     from aedist.losses import compute_loss
     from aedist.models import build_model
 
-    cfg = load_config(ROOT / config)
+    cfg = load_config(ROOT / config, list(overrides))
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The seed holds its training set in memory as floats; 4096 originals (x6 with rotated copies)
     # are plenty for shuffled batches and keep the baseline's RSS about the loop, not the data.
     xs = [x for x, _ in load_batches(shards, "train", 4096, shuffle=False, drop_last=False, limit=4096)]
@@ -131,16 +138,17 @@ def _plain(config: str, shards: str, steps: int, window: int, fast: bool = False
     inputs, targets, _ = corrupt(clean, cfg.corruption, make_generator(0, 0, 0, "cpu")) if cfg.corruption else (clean, clean, {})
     batch = cfg.data.batch_size * (len(inputs) // len(clean))
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     layout = torch.channels_last if fast else torch.contiguous_format
     model = model.to(memory_format=layout)
-    loader = DataLoader(TensorDataset(inputs, targets), batch_size=batch, shuffle=True, drop_last=True)
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=batch, shuffle=True, drop_last=True, pin_memory=dev.type == "cuda")
     rates: list[float] = []
     done, t0 = 0, time.perf_counter()
     while done < steps:
         for x, y in loader:
-            with torch.autocast("cpu", torch.bfloat16, enabled=fast):
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, torch.bfloat16, enabled=fast):
                 out = model(x.contiguous(memory_format=layout))
             loss = compute_loss(out, y, cfg.loss)["loss"]  # the seeds' MSE; L1 + beta * KL for the KL recipe
             loss.backward()
@@ -148,18 +156,21 @@ def _plain(config: str, shards: str, steps: int, window: int, fast: bool = False
             opt.zero_grad()
             done += 1
             if done % window == 0:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()  # time what the device did, not what the host queued
                 now = time.perf_counter()
                 rates.append(window * batch / (now - t0))
                 t0 = now
             if done == steps:
                 break
     steady, first = _steady(rates)
-    return {"img_per_s": steady, "warmup_s": _warmup_s(first, steady, window * batch), "peak_rss_mb": vm_hwm_mb(),
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else vm_hwm_mb()
+    return {"img_per_s": steady, "warmup_s": _warmup_s(first, steady, window * batch), "peak_rss_mb": peak,
             "settings": "bf16, channels_last, eager" if fast else "fp32, NCHW, eager"}
 
 
-def _plain_in_child(config: str, shards: str, steps: int, window: int, fast: bool = False) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "aedist.benchmarks.train", config, shards, str(steps), str(window), str(int(fast))],
+def _plain_in_child(config: str, shards: str, steps: int, window: int, fast: bool = False, overrides: tuple[str, ...] = ()) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "aedist.benchmarks.train", config, shards, str(steps), str(window), str(int(fast)), *overrides],
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
@@ -176,7 +187,7 @@ def _engine(bench: Bench, shards: str, overrides: list[str], growth: int, induct
         cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", str(ROOT / bench.config),
                f"data.shards={shards}", f"run.dir={tmp}", "run.name=bench", f"train.max_steps={bench.steps}",
                "train.epochs=1000", "log.wandb=disabled", f"log.every={bench.window}", "train.resume=never",
-               "eval.knn_train=10", "log.probe_size=8", "data.limit=0", *overrides]
+               "eval.knn_train=10", "log.probe_size=8", "data.limit=0", *bench.overrides, *overrides]
         env = {**os.environ, "WANDB_SILENT": "true", "TORCHINDUCTOR_CACHE_DIR": inductor_cache}
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if proc.returncode != 0:
@@ -190,14 +201,18 @@ def _engine(bench: Bench, shards: str, overrides: list[str], growth: int, induct
     mp = summary["mixed_precision"]
     settings = f"{'fp32' if mp == 'no' else mp}, {'channels_last' if summary['channels_last'] else 'NCHW'}, {'compiled' if summary['compile'] else 'eager'}"
     per_window = bench.window * _batch(bench) * growth
-    return {"img_per_s": steady, "warmup_s": _warmup_s(first, steady, per_window), "peak_rss_mb": summary["peak_rss_mb"], "settings": settings}
+    res = {"img_per_s": steady, "warmup_s": _warmup_s(first, steady, per_window), "peak_rss_mb": summary["peak_rss_mb"], "settings": settings}
+    mfu = [m["train/mfu"] for m in lines if "train/mfu" in m][1:]  # GPUs in the peak table only
+    if mfu:
+        res["mfu"] = statistics.median(mfu)
+    return res
 
 
 def _batch(bench: Bench) -> int:
     """The config's data.batch_size (loaded images a step, before any copies)."""
     from aedist.config import load_config
 
-    return load_config(ROOT / bench.config).data.batch_size
+    return load_config(ROOT / bench.config, list(bench.overrides)).data.batch_size
 
 
 # ----------------------------------------------------------------------------- data
@@ -212,19 +227,27 @@ def _fashion4(shards: str | None) -> str:
     return str(Path(out) if Path(out).is_absolute() else ROOT / out)
 
 
-def _synthetic(tmp: Path, name: str, size: int) -> str:
+def _synthetic(tmp: Path, name: str, size: int, channels: int = 3) -> str:
     import numpy as np
 
     from aedist.data.shards import write_shards
 
     rng = np.random.default_rng(0)
-    splits = {split: (rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8), rng.integers(0, 2, n).astype(np.int64))
-              for split, n in (("train", STL10_IMAGES), ("test", 64))}
-    write_shards(tmp / name, splits, ["a", "b"], source={"dataset": f"synthetic 3x{size}x{size} (benchmark)"})
+    n_train = STL10_IMAGES if channels == 3 else 65536  # the MLP's epoch (1024 steps of 64) outlasts its run
+    splits = {split: (rng.integers(0, 256, (n, channels, size, size), dtype=np.uint8), rng.integers(0, 2, n).astype(np.int64))
+              for split, n in (("train", n_train), ("test", 64))}
+    write_shards(tmp / name, splits, ["a", "b"], source={"dataset": f"synthetic {channels}x{size}x{size} (benchmark)"})
     return str(tmp / name)
 
 
 # ----------------------------------------------------------------------------- the suite
+
+
+def _native_bf16() -> bool:
+    """Where the plain loop's fast path exists: CUDA with bf16, else a CPU with AMX or AVX-512 BF16."""
+    import torch
+
+    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_supports_bf16()
 
 
 def _load() -> str:
@@ -239,17 +262,18 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
     print(f"load average at start: {_load()}; {rounds} interleaved round(s) per model", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         fashion = _fashion4(args.shards) if not getattr(args, "only", None) or {"seed000", "seed000-rotated"} & set(args.only) else ""
-        data = {"seed000": fashion, "seed000-rotated": fashion, "stl10": _synthetic(Path(tmp), "stl10", 96), "kl-f4": _synthetic(Path(tmp), "kl", 64)}
+        data = {"seed000": fashion, "seed000-rotated": fashion, "stl10": _synthetic(Path(tmp), "stl10", 96), "kl-f4": _synthetic(Path(tmp), "kl", 64),
+                "mlp-overhead": _synthetic(Path(tmp), "mnist", 28, channels=1)}
         for bench in [b for b in BENCHES if not getattr(args, "only", None) or b.key in args.only]:
             shards, growth = data[bench.key], _growth(bench.config)
             what = f"{bench.key} ({Path(bench.config).stem}, {_batch(bench) * growth} inputs/step, {bench.steps} steps)"
             # the bare loop on the fast path, where the CPU runs bf16 natively (the engine's own rule)
-            cases = ["plain", *(["plain fast path"] if cpu_supports_bf16() else []), *bench.engine_cases]
+            cases = ["plain", *(["plain fast path"] if _native_bf16() else []), *bench.engine_cases]
             runs: dict[str, list[dict]] = {c: [] for c in cases}
             for r in range(min(rounds, bench.rounds)):
                 for case in cases[r % len(cases):] + cases[:r % len(cases)]:
                     if case.startswith("plain"):
-                        res = _plain_in_child(bench.config, shards, bench.steps, bench.window, fast=case != "plain")
+                        res = _plain_in_child(bench.config, shards, bench.steps, bench.window, fast=case != "plain", overrides=bench.overrides)
                     else:
                         res = _engine(bench, shards, ENGINE_CASES[case], growth, str(Path(tmp) / "inductor"))
                     res["load"] = os.getloadavg()[0]
@@ -261,6 +285,8 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, float]]:
             plain = results["plain"]["img_per_s"]
             for case in bench.engine_cases:
                 ratios[f"{bench.key} {case}/plain"] = results[case]["img_per_s"] / plain
+                if "mfu" in results[case]:
+                    ratios[f"{bench.key} {case} MFU"] = results[case]["mfu"]
             if "engine + lpips_gan" in results:
                 ratios[f"{bench.key} lpips_gan step/reconstruction step (engine defaults)"] = (
                     results["engine + lpips_gan"]["img_per_s"] / results["engine defaults"]["img_per_s"])
@@ -283,10 +309,13 @@ def _best_run(runs: list[dict]) -> dict:
     2-thread run several-fold (threads wait for each other at every op), so a bad round says more
     about the neighbours than about the case; the best round is the case's own speed, as timeit's minimum."""
     best = max(runs, key=lambda r: r["img_per_s"])
-    return {"img_per_s": best["img_per_s"], "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "settings": best["settings"]}
+    out = {"img_per_s": best["img_per_s"], "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "settings": best["settings"]}
+    if "mfu" in best:
+        out["mfu"] = best["mfu"]
+    return out
 
 
 if __name__ == "__main__":
     os.environ.setdefault("WANDB_SILENT", "true")
     config_arg, shards_arg, steps_arg, window_arg, fast_arg = sys.argv[1:6]
-    print(json.dumps(_plain(config_arg, shards_arg, int(steps_arg), int(window_arg), fast=fast_arg == "1")))
+    print(json.dumps(_plain(config_arg, shards_arg, int(steps_arg), int(window_arg), fast=fast_arg == "1", overrides=tuple(sys.argv[6:]))))

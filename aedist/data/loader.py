@@ -28,9 +28,12 @@ permuted with a single gather. Peak memory is about two windows, whatever the da
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Generator
+import queue
+import threading
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +165,7 @@ def load_batches(
     pin_memory: bool = True,
     verify: bool = True,
     stats: dict[str, Any] | None = None,
+    prefetch: bool = False,
 ) -> BatchStream:
     """Yield (images uint8 [B,C,H,W], labels int64 [B]) of ``rank``'s share of one epoch on ``device``.
 
@@ -175,7 +179,9 @@ def load_batches(
     ``on_error="skip"`` checks every shard of the split up front and leaves out bad ones (counted in
     ``stats["skipped_shards"]``, with a warning), so all ranks still agree on the layout; ``"raise"``
     checks each shard on first use and raises UserError naming it. ``verify=False`` skips the sha256
-    (sizes and tar structure are still checked).
+    (sizes and tar structure are still checked). ``prefetch`` reads, pins and copies the next batch on
+    a thread while the caller computes (on CUDA the copy runs on a side stream); the order, the
+    position and the ids hook count only batches handed out, so resume is unchanged.
     """
     if on_error not in ("raise", "skip"):
         raise UserError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -212,8 +218,8 @@ def load_batches(
     bases = block_bases([s.blocks for s in m.split(split).shards]) if return_ids or dump else None
     dump_path = Path(dump) / f"{split}-epoch{epoch}-world{world_size}-rank{rank}-pid{os.getpid()}.i64" if dump else None
     pieces_reader = PieceReader(reader, m.shape, seed, epoch, shuffle, pin, bases)
-    gen = _iterate(reader, pieces_reader, pieces, batch_size, dev, drop_last, pin, stats, return_ids, dump_path)
-    return BatchStream(gen, count, batch_size, pos)
+    gen = _iterate(reader, pieces_reader, pieces, batch_size, dev, drop_last, pin, stats, return_ids, dump_path is not None)
+    return BatchStream(_Prefetcher(gen, dev) if prefetch else gen, count, batch_size, pos, dump_path)
 
 
 def _plan(
@@ -253,16 +259,20 @@ class BatchStream:
     ``drop_last``); every yielded batch counts as consumed, so read it after the step that used them.
     """
 
-    def __init__(self, batches: Generator[tuple[torch.Tensor, ...], None, None], count: int, batch_size: int,
-                 start: DataPosition | None) -> None:
+    def __init__(self, batches: Iterator[tuple[tuple[torch.Tensor, ...], np.ndarray | None]], count: int, batch_size: int,
+                 start: DataPosition | None, dump_path: Path | None = None) -> None:
         self._batches, self.count, self.batch_size, self.start = batches, count, batch_size, start
         self.yielded = 0
+        self._dump = open(dump_path, "ab") if dump_path else None  # noqa: SIM115 - closed in close()
 
     def __iter__(self) -> BatchStream:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, ...]:
-        item = next(self._batches)
+        item, ids = next(self._batches)
+        if self._dump is not None:  # flushed per batch handed out: a killed process leaves what it consumed
+            self._dump.write(ids.tobytes())
+            self._dump.flush()
         self.yielded += 1
         return item
 
@@ -276,24 +286,91 @@ class BatchStream:
     def close(self) -> None:
         """Close the shard files now rather than when the stream is collected."""
         self._batches.close()
+        if self._dump is not None:
+            self._dump.close()
+            self._dump = None
+
+
+class _Prefetcher:
+    """One batch ahead: a thread runs the batch generator (read, pin, copy) while the caller computes.
+
+    On CUDA the thread's copies go to a side stream; the batch handed out makes the compute stream
+    wait for them and is recorded on it, so the caching allocator does not reuse its memory early.
+    Exceptions (a corrupt shard) reach the caller at the batch where they happened.
+    """
+
+    _END = object()
+
+    def __init__(self, gen: Generator[tuple[tuple[torch.Tensor, ...], np.ndarray | None], None, None], device: torch.device) -> None:
+        self._gen = gen
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._thread = threading.Thread(target=self._run, name="aedist-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            with torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext():
+                for item in self._gen:
+                    ready = None
+                    if self._side is not None:
+                        ready = torch.cuda.Event()
+                        ready.record(self._side)
+                    if not self._put((item, ready)):
+                        return
+            self._put(self._END)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller, raised there
+            self._put(err)
+        finally:
+            self._gen.close()  # in the thread that ran it: closes the shard files
+
+    def __iter__(self) -> _Prefetcher:
+        return self
+
+    def __next__(self) -> tuple[tuple[torch.Tensor, ...], np.ndarray | None]:
+        got = self._queue.get()
+        if got is self._END:
+            self._queue.put(got)  # a later next() ends too
+            raise StopIteration
+        if isinstance(got, BaseException):
+            raise got
+        (batch, ids), ready = got
+        if ready is not None:
+            current = torch.cuda.current_stream()
+            current.wait_event(ready)
+            for t in batch:
+                if t.is_cuda:
+                    t.record_stream(current)
+        return batch, ids
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _iterate(
     reader: _Reader, pieces_reader: PieceReader, pieces: list[Piece], batch_size: int, device: torch.device, drop_last: bool,
-    pin: bool, stats: dict[str, Any], return_ids: bool, dump_path: Path | None,
-) -> Generator[tuple[torch.Tensor, ...], None, None]:
-    """Cut the pieces' samples into batches (a batch may span pieces) and move them to ``device``."""
+    pin: bool, stats: dict[str, Any], return_ids: bool, dump: bool,
+) -> Generator[tuple[tuple[torch.Tensor, ...], np.ndarray | None], None, None]:
+    """Cut the pieces' samples into batches (a batch may span pieces) and move them to ``device``;
+    each comes with its global ids for the dump hook (None without it)."""
     carry: list[tuple[torch.Tensor, ...]] = []
     carried = 0
-    dump = open(dump_path, "ab") if dump_path else None  # noqa: SIM115 - closed in the finally below
 
-    def emit(parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def emit(parts: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], np.ndarray | None]:
         stats["samples"] += len(parts[1])
-        if dump is not None:  # flushed per batch: a killed process leaves what it consumed
-            dump.write(parts[2].numpy().tobytes())
-            dump.flush()
         x, y = _to_device(parts[0], parts[1], device, pin)
-        return (x, y, parts[2]) if return_ids else (x, y)
+        return ((x, y, parts[2]) if return_ids else (x, y)), (parts[2].numpy() if dump else None)
 
     try:
         for win, a, b in pieces:
@@ -315,8 +392,6 @@ def _iterate(
             yield emit(tuple(torch.cat(parts) for parts in zip(*carry)))
     finally:
         reader.close()
-        if dump is not None:
-            dump.close()
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
