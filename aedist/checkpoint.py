@@ -341,14 +341,21 @@ def _check_safetensors(folder: Path, path: Path) -> None:
 TRAIN_FILES = ("*.safetensors", "*.bin", "*.pkl", "*.pt")  # what Accelerate's load_state reads
 
 
-def load_checkpoint(accelerator: Accelerator, folder: Path, model_hash: str) -> TrainState:
-    """Restore Accelerate's state from ``folder`` after checking it was written by the same model;
-    :class:`DamagedCheckpoint` when its files cannot be read back."""
+def verify_checkpoint(folder: Path, model_hash: str) -> TrainState:
+    """Our state from ``folder`` once every file a resume reads is there and intact (written by the same
+    model, weights and optimizer present, every torch.save zip's CRCs and safetensors' lengths right)."""
     state = read_matching_state(folder, model_hash)
     missing = [f for f in ("model.safetensors", "optimizer.bin") if not (folder / f).is_file()]
     if missing:
         raise DamagedCheckpoint(folder, f"{', '.join(missing)} missing")
     check_files(folder, TRAIN_FILES)
+    return state
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path, model_hash: str) -> TrainState:
+    """Restore Accelerate's state from ``folder`` after :func:`verify_checkpoint`;
+    :class:`DamagedCheckpoint` when its files cannot be read back."""
+    state = verify_checkpoint(folder, model_hash)
     try:
         accelerator.load_state(str(folder))
     except Exception as err:  # noqa: BLE001 - safetensors, pickle and torch each raise their own types

@@ -45,7 +45,7 @@ from aedist.data import BatchStream, DataPosition, load_batches, num_batches, re
 from aedist.data.corruption import make_generator
 from aedist.data.remote import mask_url, set_cache_defaults
 from aedist.errors import UserError
-from aedist.evaluation import draw_figures, evaluate_split, knn_metric, load_probe
+from aedist.evaluation import draw_figures, eval_split, evaluate_split, knn_metric, load_probe
 from aedist.evaluation.backbones import check_backbones
 from aedist.models import build_model
 from aedist.objectives import build_objective
@@ -102,6 +102,11 @@ class Trainer:
         # Metrics that need pretrained backbones (lpips, rfid): their weights are on disk, or one line now.
         check_backbones(cfg.eval.metrics, cfg.eval.lpips_net, tuple(self.manifest.shape[-2:]))
         self.has_val = "val" in self.manifest.splits
+        # issue 27: a pack without test (an own-images folder) is evaluated on val; with neither, not at all
+        self.eval_split = eval_split(self.manifest.splits)
+        if self.eval_split is None:
+            acc.print(f"note: {mask_url(cfg.data.shards)} has no val or test split, so nothing is evaluated "
+                      "(pack with --val-fraction/--test-fraction > 0 for metrics and figures)")
         self.per_rank = cfg.data.batch_size // (self.world * t.grad_accum)
         self.steps_per_epoch = num_batches(cfg.data.shards, "train", self.per_rank, self.world, limit=cfg.data.limit) // t.grad_accum
         if self.steps_per_epoch == 0:
@@ -152,6 +157,7 @@ class Trainer:
         self.good_steps = torch.zeros((), dtype=torch.long, device=acc.device)
         self.device_skip = all(skips_on_device(o) for o in (self.optimizer, *self.extra_optimizers.values()))
         self.sync_every = t.sync_every or cfg.log.every
+        self.first_step = self.state.step + 1
         # On a 2-core CPU a reader thread only competes with the step's own threads; on CUDA it hides the read.
         self.prefetch = cfg.data.prefetch if cfg.data.prefetch != "auto" else device.type == "cuda"
         self.totals = {"inputs": 0, "wait": 0.0, "seconds_before": self.state.train_seconds}  # this start's throughput
@@ -182,8 +188,10 @@ class Trainer:
         m, c = self.manifest, self.cfg
         want = (c.model.in_channels, c.model.image_size, c.model.image_size)
         if tuple(m.shape) != want:
-            raise UserError(f"shards {mask_url(c.data.shards)} hold images {tuple(m.shape)} but the model expects {want}; "
-                            f"set model.in_channels/model.image_size or pick other shards")
+            # issue 27: name the keys and the shards' values, so a config made for other images is one override away
+            fix = (f"set model.in_channels={m.shape[0]} model.image_size={m.shape[1]}, or pick other shards" if m.shape[1] == m.shape[2]
+                   else "pick shards of square images")
+            raise UserError(f"shards {mask_url(c.data.shards)} hold images {tuple(m.shape)} but the model expects {want}; {fix}")
         per = self.world * c.train.grad_accum
         if c.data.batch_size % per:
             raise UserError(f"data.batch_size={c.data.batch_size} does not divide over {self.world} ranks x "
@@ -372,8 +380,10 @@ class Trainer:
                 n = s.step + 1
                 log_now = n % cfg.log.every == 0 or n == self.total_steps
                 # The host waits for the device only here: log intervals, train.sync_every, before a
-                # checkpoint (never one saved past a divergence) and at the epoch's last step.
-                sync_now = log_now or n % self.sync_every == 0 or self.checkpoints.due(n) or s.batch + accum >= micro
+                # checkpoint (never one saved past a divergence), at the epoch's last step, and at this
+                # start's first step (a signal that came during start-up is acted on at once).
+                sync_now = (log_now or n % self.sync_every == 0 or self.checkpoints.due(n) or s.batch + accum >= micro
+                            or n == self.first_step)
                 res = self._step(batches, want_norm=log_now)
                 s.step += 1
                 s.images_seen += cfg.data.batch_size
@@ -404,6 +414,7 @@ class Trainer:
             self._evaluate(probe, last=True)
         self.checkpoints.finish(s)
         self._write_summary()
+        self.tracker.log_checkpoint(self.ckpt_root / f"step-{s.step}", s.step, "last")  # issue 27 item 3: after summary.json, which it carries
         self.close()
         return 0
 
@@ -492,23 +503,26 @@ class Trainer:
         acc, cfg, s = self.accelerator, self.cfg, self.state
         self.evaluated_at = s.step
         model = acc.unwrap_model(self.model)  # no DDP collectives inside: ranks hold different batch counts
-        values, _ = evaluate_split(model, cfg, acc, "val") if self.has_val else ({}, None)
-        test_values, test_latents = evaluate_split(model, cfg, acc, "test")
-        values.update(test_values)
-        values.update(knn_metric(model, cfg, acc, test_latents))
+        values, test_latents = evaluate_split(model, cfg, acc, "val") if self.has_val else ({}, None)
+        if self.eval_split == "test":  # else val's latents stand in for test's (issue 27), or there are none
+            test_values, test_latents = evaluate_split(model, cfg, acc, "test")
+            values.update(test_values)
+        if test_latents is not None:
+            values.update(knn_metric(model, cfg, acc, test_latents, split=self.eval_split))
         ema = self.ema.module if self.ema is not None else None
         if ema is not None:  # the same passes on the averaged weights: val_ema/…, test_ema/…
-            for split in (["val"] if self.has_val else []) + ["test"]:
+            for split in (["val"] if self.has_val else []) + (["test"] if self.eval_split == "test" else []):
                 values.update(evaluate_split(ema, cfg, acc, split, prefix=f"{split}_ema")[0])
         val_loss = values.get("val/loss")
         self.schedule.after_eval(val_loss)
         values["epoch"] = s.epoch
         self.tracker.log(values, step=s.step, epoch=s.epoch)
-        if acc.is_main_process and (s.epoch % cfg.log.figures_every == 0 or last or s.epoch == 1):
+        if acc.is_main_process and probe is not None and (s.epoch % cfg.log.figures_every == 0 or last or s.epoch == 1):
             figs = draw_figures(model, cfg, probe, test_latents, self.manifest.classes, full=last, ema_model=ema)
             self.tracker.log_images(figs, step=s.step, epoch=s.epoch)
         acc.wait_for_everyone()
-        self.checkpoints.after_eval(s, val_loss)
+        if self.checkpoints.after_eval(s, val_loss):  # issue 27 item 3: a new best -> W&B model artifact (log.wandb_artifacts)
+            self.tracker.log_checkpoint(self.ckpt_root / "best", s.step, "best")
         self.final_metrics = values
         patience = cfg.train.early_stop_patience
         if patience and s.epochs_since_best >= patience:

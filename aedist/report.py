@@ -148,8 +148,8 @@ def _row(base: str, members: list[Run], exp: Experiment | None) -> list[str]:
     first = members[0]
     epochs = "/".join(sorted({str(m.summary.get("epoch", "?")) for m in members}))
     best_eps = ",".join(sorted({str(m.evals["best"]["epoch"]) for m in members if "epoch" in m.evals["best"]}))
-    corrupted = sorted({k.split("/")[0] for k in {**first.summary, **first.evals["last"]}
-                        if re.fullmatch(r"test_\w+/mse", k)})
+    corrupted = sorted({k.split("/")[0] for k in {**first.summary, **first.evals["last"]}  # test_ema/ is a weight set, not a corruption
+                        if re.fullmatch(r"test_\w+/mse", k) and not k.startswith(("test_ema/", "test_ema_"))})
     minutes = Stat.of([m.summary["train_seconds"] / 60 for m in members]) if all(is_number(m.summary.get("train_seconds")) for m in members) else None
     return [
         _md(base) if len(members) == 1 else f"{_md(base)} ×{len(members)}",

@@ -3,6 +3,8 @@
 Every scalar log is also a line of ``runs/NAME/metrics.jsonl`` and every figure a PNG under
 ``runs/NAME/figures/``, so nothing depends on W&B being reachable. Only the main process writes.
 The standard WANDB_* environment variables win over the config (WANDB_MODE, WANDB_PROJECT, ...).
+TensorBoard gets what W&B gets: scalars, figures as images and the resolved config as text.
+Checkpoints go to W&B as model artifacts when ``log.wandb_artifacts`` asks (:meth:`Tracker.log_checkpoint`).
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+import yaml
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from tqdm import tqdm
@@ -28,7 +33,24 @@ from aedist.visuals import save_png
 def trackers_for(cfg: Config) -> list[str]:
     """Accelerate ``log_with`` names for this config."""
     names = [] if _wandb_mode(cfg) == "disabled" else ["wandb"]
-    return names + (["tensorboard"] if cfg.log.tensorboard else [])
+    if cfg.log.tensorboard:
+        _require_tensorboard()  # here: the Accelerator is built from this list before any data is read or any step taken
+        names.append("tensorboard")
+    return names
+
+
+def _require_tensorboard() -> None:
+    """One line instead of Accelerate's warning, after which the run would log nothing to TensorBoard.
+    Accelerate's TensorBoard tracker imports torch.utils.tensorboard (which needs the tensorboard
+    package), else tensorboardX; the same order here."""
+    try:
+        from torch.utils import tensorboard  # noqa: F401
+    except ImportError:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise UserError("log.tensorboard=true needs the tensorboard package: pip install tensorboard, "
+                            "or set log.tensorboard=false") from None
 
 
 def _wandb_mode(cfg: Config) -> str:
@@ -48,10 +70,16 @@ class Tracker:
     vanish without an error), is dropped with one warning line on stderr and recorded in :meth:`health`;
     the local mirrors never depend on it."""
 
-    def __init__(self, accelerator: Accelerator, cfg: Config, run_id: str) -> None:
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_id: str, job_type: Literal["train", "evaluate"] = "train") -> None:
+        """``job_type="evaluate"`` labels a W&B run of its own (a checkpoint without a W&B id); an evaluation
+        that continues the training run's id leaves that run's job type "train" (a resumed run takes the
+        job type it is given, and would be relabelled)."""
         self.accelerator = accelerator
         self.run_dir = cfg.run_dir
-        self.run_id = run_id
+        self.run_id = run_id or new_run_id()
+        self.run_name = os.environ.get("WANDB_NAME", cfg.run.name)
+        which = cfg.log.wandb_artifacts
+        self.artifacts: set[str] = {"best", "last"} if which == "both" else set() if which == "none" else {which}
         self.enabled = accelerator.is_main_process
         self.lost: dict[str, int] = {}  # tracker name -> step from which it may hold nothing (see _lose)
         self.last_step = 0
@@ -60,13 +88,15 @@ class Tracker:
         init_kwargs: dict[str, dict[str, Any]] = {}
         if "wandb" in trackers_for(cfg):
             init_kwargs["wandb"] = {
-                "id": run_id,
+                "id": self.run_id,
                 "resume": "allow",  # same id after a requeue -> the same W&B run continues
-                "name": os.environ.get("WANDB_NAME", cfg.run.name),
+                "name": self.run_name,
                 "dir": str(self.run_dir),
                 "mode": _wandb_mode(cfg),
                 "entity": os.environ.get("WANDB_ENTITY", cfg.log.entity),
-                "group": os.environ.get("WANDB_RUN_GROUP", cfg.log.group),
+                # one experiment's runs side by side: its training run (with evaluate.py's numbers) and any of its own
+                "group": os.environ.get("WANDB_RUN_GROUP", cfg.log.group or cfg.run.name),
+                "job_type": "train" if run_id else job_type,  # see the docstring: only a run of its own is "evaluate"
                 "tags": cfg.log.tags or None,
             }
         if trackers_for(cfg):
@@ -77,6 +107,8 @@ class Tracker:
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 raise UserError(f"W&B could not start in mode {_wandb_mode(cfg)!r} ({first}); run `wandb login` or set "
                                 "WANDB_API_KEY, or use log.wandb=offline and `wandb sync` later") from None
+            if self.enabled and "tensorboard" in trackers_for(cfg):
+                self._tensorboard_config(cfg)
 
     def log(self, values: dict[str, float], step: int, epoch: int) -> None:
         """Scalars to every tracker and one JSON line; non-finite values are kept as strings in JSONL."""
@@ -91,7 +123,7 @@ class Tracker:
             self._send(tracker, step, lambda t=tracker: t.log(clean, step=step))
 
     def log_images(self, images: dict[str, np.ndarray], step: int, epoch: int) -> None:
-        """Figures as ``figures/KEY_epochEEE.png`` and as W&B images under KEY."""
+        """Figures (HWC uint8) as ``figures/KEY_epochEEE.png`` and as W&B and TensorBoard images under KEY."""
         if not self.enabled or not images:
             return
         for key, array in images.items():
@@ -100,6 +132,40 @@ class Tracker:
         for tracker in self._live(step):
             if tracker.name == "wandb":
                 self._send(tracker, step, lambda t=tracker: t.log_images({k: [v] for k, v in images.items()}, step=step))
+            elif tracker.name == "tensorboard":  # Accelerate's log_images wants NCHW batches; a figure is one HWC image
+                self._send(tracker, step, lambda t=tracker: _tensorboard_images(t.tracker, images, step))
+
+    def log_checkpoint(self, folder: Path, step: int, which: Literal["best", "last"]) -> None:
+        """The checkpoint ``folder`` as a version of the W&B model artifact ``NAME-model`` with alias ``best``
+        or ``latest`` (and ``step-N``), when ``log.wandb_artifacts`` asks for ``which``. Holds its weights
+        (model.safetensors) and the run's config.yaml, eval.json and summary.json where present.
+
+        ``runs/NAME/artifacts.json`` records what was logged, so a requeued run that saves the same
+        checkpoint again (a best replayed after a preemption, a finished run started again) does not log it twice."""
+        if not self.enabled or which not in self.artifacts:
+            return
+        tracker = next((t for t in self._live(step) if t.name == "wandb"), None)
+        record_path = self.run_dir / "artifacts.json"
+        record: dict[str, list[int]] = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        if tracker is None or step in record.get(which, []):
+            return
+        self._send(tracker, step, lambda: _log_model_artifact(tracker.tracker, self.run_dir, folder, step, which, self.run_name, self.run_id))
+        if "wandb" in self.lost:  # not logged: a later start may try again
+            return
+        record.setdefault(which, []).append(step)
+        tmp = record_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(record_path)  # whole or not at all: a half-written record would log everything again
+
+    def _tensorboard_config(self, cfg: Config) -> None:
+        """The resolved config (config.yaml as the trainer wrote it, with its resolved precision notes) as
+        TensorBoard text; Accelerate's hparams table only holds the flat scalars."""
+        path = self.run_dir / "config.yaml"
+        text = path.read_text() if path.is_file() else yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        markdown = "\n".join("    " + line for line in text.splitlines())  # indented: TensorBoard renders text as Markdown
+        for tracker in self._live(self.last_step):
+            if tracker.name == "tensorboard":
+                self._send(tracker, self.last_step, lambda t=tracker: _tensorboard_text(t.tracker, "config", markdown))
 
     def health(self) -> dict[str, Any]:
         """``{"tracker_lost": {NAME: STEP}}`` for summary.json: each tracker lost during the run and the step
@@ -155,6 +221,31 @@ class Tracker:
             self.accelerator.state.destroy_process_group()  # what Accelerator.end_training does after the trackers
         except Exception as err:  # noqa: BLE001 - reported, never raised (see above)
             print(f"warning: closing the process group failed ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+
+
+def _tensorboard_images(writer: Any, images: dict[str, np.ndarray], step: int) -> None:
+    for key, array in images.items():
+        writer.add_image(key, array, global_step=step, dataformats="HWC" if array.ndim == 3 else "HW")
+    writer.flush()
+
+
+def _tensorboard_text(writer: Any, tag: str, text: str) -> None:
+    writer.add_text(tag, text, global_step=0)
+    writer.flush()
+
+
+def _log_model_artifact(run: Any, run_dir: Path, folder: Path, step: int, which: str, run_name: str, run_id: str) -> None:
+    """One artifact version. add_file copies each file into W&B's staging folder (WANDB_DATA_DIR) at once:
+    the checkpoint folder may be replaced ("best") or rotated away (keep_last) before the upload ends."""
+    import wandb
+
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{run_name}-model")  # the characters W&B allows in artifact names
+    artifact = wandb.Artifact(name, type="model", metadata={"step": step, "checkpoint": folder.name, "run_id": run_id})
+    artifact.add_file(str(folder / "model.safetensors"))
+    for extra in ("config.yaml", "eval.json", "summary.json"):
+        if (run_dir / extra).is_file():
+            artifact.add_file(str(run_dir / extra))
+    run.log_artifact(artifact, aliases=["best" if which == "best" else "latest", f"step-{step}"])
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -3,7 +3,7 @@
     python launch/pack.py fashion-mnist --out shards/fashion4 --classes 1,3,5,8
     python launch/pack.py colored-mnist --base mnist --source data/mnist --out shards/cmnist
     python launch/pack.py stl10 --source data --out shards/stl10
-    python launch/pack.py folder --source photos/ --size 96 --out shards/photos --workers 8
+    python launch/pack.py folder --source photos/ --size 96 --out shards/photos --workers 8   # flat CLASS/ tree: val and test carved
     python launch/pack.py folder --source photos/ --out shards/photos --task-index 3 --task-count 16   # one array task
     python launch/pack.py folder --source photos/ --out shards/photos --finish   # after the array: verify, write the manifest
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from aedist.data.pack import DATASETS, default_workers, pack
+from aedist.data.pack import DATASETS, TEST_FRACTION, default_workers, pack
 from aedist.errors import UserError, run_cli
 
 
@@ -35,7 +35,9 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--base", default="mnist", choices=("mnist", "fashion-mnist"), help="grayscale base of colored-mnist")
     p.add_argument("--classes", type=str, default="", help="class ids to keep, remapped to 0..k-1, e.g. 1,3,5,8")
     p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of train carved into val")
-    p.add_argument("--seed", type=int, default=0, help="seed of the val split, pack shuffle and colours")
+    p.add_argument("--test-fraction", type=float, default=TEST_FRACTION,
+                   help="folder without a test/ split (a flat class tree): fraction of train carved into test")
+    p.add_argument("--seed", type=int, default=0, help="seed of the val and test splits, pack shuffle and colours")
     p.add_argument("--size", type=int, default=96, help="image side for folder datasets")
     p.add_argument("--unlabeled", action="store_true", help="stl10: also pack the 100k unlabeled images (label -1)")
     p.add_argument("--samples-per-block", type=int, default=1024)
@@ -51,6 +53,7 @@ def main(argv: Sequence[str]) -> int:
                         "exit 2 naming the shards still missing")
     a = p.parse_args(argv)
     m = pack(a.dataset, a.out, source=a.source, base=a.base, classes=_ints(a.classes), val_fraction=a.val_fraction,
+             test_fraction=a.test_fraction,
              seed=a.seed, size=a.size, unlabeled=a.unlabeled, samples_per_block=a.samples_per_block,
              blocks_per_shard=a.blocks_per_shard, force=a.force, workers=a.workers or None, on_error=a.on_error,
              task_index=a.task_index, task_count=a.task_count, finish_only=a.finish)

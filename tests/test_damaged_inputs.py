@@ -116,6 +116,30 @@ CHECKPOINT_DAMAGE: dict[str, tuple[Callable[[Path], None], bool, bool]] = {
 
 
 @pytest.mark.parametrize("damage", list(CHECKPOINT_DAMAGE))
+def test_every_damage_is_caught_where_train_and_evaluate_read_a_checkpoint(damage: str, finished: Path, tmp_path: Path) -> None:
+    # In-process, every variant: the checks both scripts run before loading anything, by the one fallback path.
+    from aedist.checkpoint import newest_usable, verify_checkpoint
+    from aedist.config import config_from_dict, read_yaml
+    from aedist.evaluation.run import load_checkpoint_weights
+
+    run, _ = copy_run(finished, tmp_path)
+    fn, train_skips, eval_skips = CHECKPOINT_DAMAGE[damage]
+    fn(run / "checkpoints" / "step-4")
+    cfg = config_from_dict(read_yaml(run / "config.yaml", "run config"))
+    warned: list[str] = []
+    state, _, ema, folder = load_checkpoint_weights(cfg, run, None, "auto", "cpu", warned.append)
+    assert (folder.name, state.step, ema, len(warned)) == (("step-2", 2) if eval_skips else ("step-4", 4)) + (True, int(eval_skips))
+    warned.clear()
+    _, folder = newest_usable(run / "checkpoints", lambda f: verify_checkpoint(f, cfg.model_hash()), warned.append, "fix")
+    assert (folder.name, len(warned)) == ("step-2" if train_skips else "step-4", int(train_skips))
+
+
+# Through the real scripts, one variant of each kind of damage (the in-process test above covers every one).
+END_TO_END = ["state-invalid-json", "state-step-a-string", "position-missing-field", "model-deleted", "optimizer-truncated",
+              "rng-truncated", "ema-truncated", "state-unknown-key"]
+
+
+@pytest.mark.parametrize("damage", END_TO_END)
 def test_damaged_newest_checkpoint_falls_back_in_train_and_evaluate(damage: str, finished: Path, tmp_path: Path,
                                                                     train: RunFn, run_py: RunFn) -> None:
     run, cfg = copy_run(finished, tmp_path)
@@ -305,8 +329,8 @@ def test_symlink_loops_and_dangling_links_in_an_image_folder_are_left_out(links:
     for name, target in links.items():
         (image_folder / name).symlink_to(target)
     out = tmp_path / "out"
-    proc = run_py(["launch/pack.py", "folder", "--source", str(image_folder), "--out", str(out), "--size", "8", "--val-fraction", "0"],
-                  timeout=120)
+    proc = run_py(["launch/pack.py", "folder", "--source", str(image_folder), "--out", str(out), "--size", "8", "--val-fraction", "0",
+                   "--test-fraction", "0"], timeout=120)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["classes"] == ["cat", "dog"] and manifest["splits"]["train"]["num_samples"] == 6

@@ -88,7 +88,7 @@ def test_trained_model_round_trips_and_evaluates_with_ema(tmp_path: Path, tiny_s
     model = build_model(ModelConfig(name="diffusers_kl", in_channels=1, image_size=28, params=TINY))
     model.load_state_dict(load_file(ckpt / "model.safetensors"))
     out = export_pretrained(model, tmp_path / "exported")
-    cli = run_py(["launch/export.py", str(run), str(tmp_path / "exported_ema")])  # the EMA weights by default
+    cli = run_py(["launch/export.py", str(run), "--format", "diffusers", "--out", str(tmp_path / "exported_ema")])  # the EMA weights by default
     assert cli.returncode == 0, cli.stderr[-2000:]
     exported = AutoencoderKL.from_pretrained(tmp_path / "exported_ema").state_dict()
     assert max_diff({f"vae.{k}": v for k, v in exported.items()}, find_ema_state(ckpt)) == 0.0

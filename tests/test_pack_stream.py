@@ -95,7 +95,7 @@ def test_same_shards_as_in_memory_path_for_any_worker_count(tmp_path, classes, v
     digests = []
     for workers in (1, 2, 3):
         out = tmp_path / f"w{workers}"
-        m = pack_folder(tmp_path / "photos", out, size=8, classes=classes, val_fraction=val, seed=3,
+        m = pack_folder(tmp_path / "photos", out, size=8, classes=classes, val_fraction=val, test_fraction=0, seed=3,
                         samples_per_block=8, blocks_per_shard=2, workers=workers)
         assert m.classes == raw.classes and m.shape == (3, 8, 8)
         digests.append(shard_digests(out))

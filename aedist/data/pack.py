@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 DATASETS = ("fashion-mnist", "mnist", "colored-mnist", "stl10", "folder")
 CHUNK = 32  # images per work unit of a decode worker: small enough to balance, large enough to amortise IPC
 STATE = ".pack"  # OUT/.pack/: plan.json and one record per finished shard; what a resumed pack trusts
+TEST_FRACTION = 0.1  # a flat class tree has no test split; training and evaluation need one (issue 27), so carve it like val
 SHOW_BAD = 5  # unreadable images named in the log; all of them are in the shard records
 Unit = tuple[str, int, int, int]  # (split, shard index, first, end) over the split's planned file list
 
@@ -93,6 +94,7 @@ def pack(
     base: str = "mnist",
     classes: list[int] | None = None,
     val_fraction: float = 0.1,
+    test_fraction: float = TEST_FRACTION,
     seed: int = 0,
     size: int = 96,
     unlabeled: bool = False,
@@ -106,7 +108,8 @@ def pack(
     task_count: int = 1,
     finish_only: bool = False,
 ) -> Manifest | None:
-    """Pack ``dataset`` into ``out``: classes kept (remapped to 0..k-1), val carved from train, shuffled.
+    """Pack ``dataset`` into ``out``: classes kept (remapped to 0..k-1), val (and, for a folder without
+    a test split, test) carved from train, shuffled. The array datasets all ship a test split.
 
     Returns the manifest, or None for an array task that finished its shards while others still run.
     ``finish_only`` (``--finish``, the final step after an array job) packs nothing: it checks every
@@ -114,11 +117,11 @@ def pack(
     Every number is checked first (:func:`check_pack_args`): one line naming the option and the fix.
     """
     check_pack_args(dataset, size=size, samples_per_block=samples_per_block, blocks_per_shard=blocks_per_shard, seed=seed,
-                    val_fraction=val_fraction, workers=workers, task_index=task_index, task_count=task_count)
+                    val_fraction=val_fraction, test_fraction=test_fraction, workers=workers, task_index=task_index, task_count=task_count)
     if dataset == "folder":
         if source is None:
             raise UserError("folder needs --source DIR with one sub-folder of images per class")
-        return pack_folder(source, out, size=size, classes=classes, val_fraction=val_fraction, seed=seed,
+        return pack_folder(source, out, size=size, classes=classes, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
                            samples_per_block=samples_per_block, blocks_per_shard=blocks_per_shard, force=force,
                            progress=progress, workers=workers, on_error=on_error, task_index=task_index, task_count=task_count,
                            finish_only=finish_only)
@@ -143,7 +146,7 @@ MAX_BLOCK_BYTES = 2 << 30  # one tar member is read whole by every loader rank: 
 
 
 def check_pack_args(dataset: str, *, size: int, samples_per_block: int, blocks_per_shard: int, seed: int, val_fraction: float,
-                    workers: int | None, task_index: int, task_count: int) -> None:
+                    workers: int | None, task_index: int, task_count: int, test_fraction: float = 0.0) -> None:
     """UserError, one line naming the option and the fix, for a number the packer cannot use (before
     anything is read or written: a size of 0 would otherwise fail deep inside numpy or mmap). ``size`` is
     only used, so only checked, for a folder; the other datasets keep their own image size."""
@@ -160,6 +163,7 @@ def check_pack_args(dataset: str, *, size: int, samples_per_block: int, blocks_p
         raise UserError(f"--seed {seed}: must be >= 0")
     if not 0 <= val_fraction < 1:  # also NaN
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    _check_test_fraction(val_fraction, test_fraction)
     if workers is not None and workers < 0:
         raise UserError(f"--workers {workers}: must be >= 1 (or 0: the CPUs available)")
     if task_count < 1:
@@ -169,15 +173,24 @@ def check_pack_args(dataset: str, *, size: int, samples_per_block: int, blocks_p
                         "with sbatch --array=0-K pass --task-count K+1")
 
 
+def _check_test_fraction(val_fraction: float, test_fraction: float) -> None:
+    if not 0 <= test_fraction < 1:  # also NaN
+        raise UserError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    if val_fraction + test_fraction >= 1:  # nothing would be left to train on
+        raise UserError(f"--val-fraction {val_fraction:g} + --test-fraction {test_fraction:g} must be below 1; lower one of them")
+
+
 # ----------------------------------------------------------------------------- the plan
 
-def plan_folder(listing: sources.FolderListing, classes: list[int] | None, val_fraction: float, seed: int
-                ) -> tuple[dict[str, list[tuple[str, int]]], list[str], dict[str, Any]]:
+def plan_folder(listing: sources.FolderListing, classes: list[int] | None, val_fraction: float, seed: int,
+                test_fraction: float = TEST_FRACTION) -> tuple[dict[str, list[tuple[str, int]]], list[str], dict[str, Any]]:
     """``{split: [(file, label)] in pack order}``, class names and the source description.
 
     The same selection, remapping, val carve and seeded shuffle as ``select_classes``, ``carve_val`` and
     ``write_shards`` apply to arrays, applied to the file list: a folder packs to the same shards
-    either way (with no unreadable images).
+    either way (with no unreadable images, and ``test_fraction=0``). A tree without a test folder then
+    gets ``round(n_train * test_fraction)`` of the remaining train files as test (its own seeded draw,
+    so val is the same with or without it), recorded as ``test_fraction``/``test_seed`` in the manifest.
     """
     splits = dict(listing.splits)
     names = list(listing.classes)
@@ -190,6 +203,7 @@ def plan_folder(listing: sources.FolderListing, classes: list[int] | None, val_f
         names, src["classes"] = [names[c] for c in classes], list(classes)
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    n_listed = len(splits.get("train", []))
     if val_fraction and "val" not in splits and "train" in splits:
         train = splits["train"]
         perm = np.random.default_rng([seed, 1]).permutation(len(train))
@@ -197,6 +211,14 @@ def plan_folder(listing: sources.FolderListing, classes: list[int] | None, val_f
         splits["train"] = [train[i] for i in np.sort(perm[n_val:])]
         splits["val"] = [train[i] for i in np.sort(perm[:n_val])]
         src.update(val_fraction=val_fraction, val_seed=seed)
+    _check_test_fraction(val_fraction if "val_fraction" in src else 0.0, test_fraction)
+    if test_fraction and "test" not in splits and "train" in splits:
+        n_test = int(round(n_listed * test_fraction))  # a fraction of the train files listed, as val's is
+        train = splits["train"]
+        perm = np.random.default_rng([seed, 2]).permutation(len(train))
+        splits["train"] = [train[i] for i in np.sort(perm[n_test:])]
+        splits["test"] = [train[i] for i in np.sort(perm[:n_test])]
+        src.update(test_fraction=test_fraction, test_seed=seed)
     rng = np.random.default_rng(seed)
     return {k: [v[i] for i in rng.permutation(len(v))] for k, v in splits.items()}, names, src
 
@@ -329,8 +351,8 @@ def _decoded(tasks: Iterable[tuple[Any, list[str]]], workers: int, ctx: tuple[Pa
 
 def pack_folder(
     source: str | Path, out: str | Path, *, size: int = 96, channels: int = 3, classes: list[int] | None = None,
-    val_fraction: float = 0.1, seed: int = 0, samples_per_block: int = 1024, blocks_per_shard: int = 64,
-    force: bool = False, progress: bool = False, workers: int | None = None, on_error: str = "skip",
+    val_fraction: float = 0.1, test_fraction: float = TEST_FRACTION, seed: int = 0, samples_per_block: int = 1024,
+    blocks_per_shard: int = 64, force: bool = False, progress: bool = False, workers: int | None = None, on_error: str = "skip",
     task_index: int = 0, task_count: int = 1, finish_only: bool = False,
 ) -> Manifest | None:
     """Stream an ImageFolder tree into block shards (see the module docstring); None if other tasks remain.
@@ -349,9 +371,12 @@ def pack_folder(
         raise UserError(f"--workers must be >= 1 (or 0: the CPUs available), got {workers}")
     workers = workers or default_workers()
     listing = sources.list_folder(source)
-    files, names, src = plan_folder(listing, classes, val_fraction, seed)
+    files, names, src = plan_folder(listing, classes, val_fraction, seed, test_fraction)
     if not any(files.values()):
         raise UserError(f"no images ({', '.join(sources.FOLDER_EXTS)}) in the class folders of {listing.root}")
+    carved = [f"{k} {len(files[k])} (--{k}-fraction {src[f'{k}_fraction']:g})" for k in ("val", "test") if f"{k}_fraction" in src]
+    if carved:  # say what was taken from train, so a user who expected all images in train sees why not
+        print(f"carved from train with seed {seed}: {', '.join(carved)}; train keeps {len(files.get('train', []))}")
     src.update(size=size, channels=channels, decode=sources.DECODE_VERSION)  # a pack by an older decoder is another dataset
     settings = {"samples_per_block": samples_per_block, "blocks_per_shard": blocks_per_shard, "seed": seed}
     units = _units(files, samples_per_block * blocks_per_shard)

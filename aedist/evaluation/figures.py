@@ -17,7 +17,7 @@ at the end), ``launch/evaluate.py`` once more on the final checkpoint; each land
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +28,7 @@ from torch import nn
 from aedist import visuals
 from aedist.batch import prepare_batch, to_pixels
 from aedist.config import Config
-from aedist.data import load_batches
+from aedist.data import load_batches, read_manifest
 from aedist.data.corruption import make_generator, rotate, spec_is_geometric
 from aedist.evaluation.passes import EVAL_STEP, Latents
 from aedist.registry import Registry
@@ -80,10 +80,20 @@ class FigureContext:
         return [int((self.y == c).nonzero()[0]) for c in torch.unique(self.y).tolist()]
 
 
-def load_probe(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed probe set: the first ``log.probe_size`` test images, the same every epoch."""
+def eval_split(splits: Collection[str]) -> str | None:
+    """The split that stands for "held out" in evaluation, kNN and figures: test, else val (a pack of a
+    folder made with --test-fraction 0, or before test was carved), else None (nothing to evaluate on)."""
+    return next((s for s in ("test", "val") if s in splits), None)
+
+
+def load_probe(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fixed probe set: the first ``log.probe_size`` images of :func:`eval_split` (test, else val), the
+    same every epoch; None for shards with neither."""
+    split = eval_split(read_manifest(cfg.data.shards).splits)
+    if split is None:
+        return None
     xs, ys = [], []
-    for images, y in load_batches(cfg.data.shards, "test", cfg.log.probe_size, device=device, shuffle=False,
+    for images, y in load_batches(cfg.data.shards, split, cfg.log.probe_size, device=device, shuffle=False,
                                   drop_last=False, limit=cfg.log.probe_size, on_error=cfg.data.on_error):
         xs.append(images)
         ys.append(y)

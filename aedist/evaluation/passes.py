@@ -123,10 +123,11 @@ def _gather(parts: list[np.ndarray]) -> np.ndarray:
 
 
 @torch.no_grad()
-def knn_metric(model: nn.Module, cfg: Config, accelerator: Accelerator, test: Latents) -> dict[str, float]:
+def knn_metric(model: nn.Module, cfg: Config, accelerator: Accelerator, test: Latents, split: str = "test") -> dict[str, float]:
     """kNN class accuracy: fit on latents of the first ``eval.knn_train`` train images, score on test
     latents (``test/knn_acc``) and on re-encoded decodes of corrupted test images
-    (``test_NAME/decoded_class_acc``: does the decoded image keep its class?)."""
+    (``test_NAME/decoded_class_acc``: does the decoded image keep its class?). ``split`` names the
+    keys: ``val`` when val latents stand in for test (shards without a test split)."""
     model.eval()
     zs, ys = [], []
     for images, y in eval_batches(cfg, accelerator, "train", cfg.eval.knn_train):
@@ -137,8 +138,8 @@ def knn_metric(model: nn.Module, cfg: Config, accelerator: Accelerator, test: La
     latents, test_y = test
     if len(np.unique(train_y)) < 2 or len(test_y) == 0:
         return {}
-    out = {"test/knn_acc": metrics.knn_accuracy(train_z, train_y, latents["clean"], test_y, k=cfg.eval.knn_k)}
+    out = {f"{split}/knn_acc": metrics.knn_accuracy(train_z, train_y, latents["clean"], test_y, k=cfg.eval.knn_k)}
     for name, z in latents.items():
         if name != "clean":
-            out[f"test_{name}/decoded_class_acc"] = metrics.knn_accuracy(train_z, train_y, z, test_y, k=cfg.eval.knn_k)
+            out[f"{split}_{name}/decoded_class_acc"] = metrics.knn_accuracy(train_z, train_y, z, test_y, k=cfg.eval.knn_k)
     return out

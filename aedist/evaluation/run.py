@@ -98,14 +98,14 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     model.to(acc.device)
 
     values, latents = evaluate_split(model, cfg, acc, split)
-    values.update(knn_metric(model, cfg, acc, latents))
+    values.update(knn_metric(model, cfg, acc, latents, split=split))
     z = torch.from_numpy(latents[0]["clean"])
     values.update({f"{split}/latent_{k}": v for k, v in metrics.latent_gaussianity(z).items()})
     values.update({"checkpoint_step": state.step, "epoch": state.epoch, "weights": "ema" if ema else "raw"})
     out = run / (f"eval_{checkpoint}.json" if checkpoint else "eval.json")  # e.g. eval_best.json beside eval.json
     out.write_text(json.dumps(values, indent=2))
 
-    tracker = Tracker(acc, cfg, state.wandb_run_id)  # the training run's W&B id: same run, resumed
+    tracker = Tracker(acc, cfg, state.wandb_run_id, job_type="evaluate")  # the training run's W&B id: same run, resumed (job_type: issue 27)
     figs = draw_figures(model, cfg, load_probe(cfg, acc.device), latents, read_manifest(cfg.data.shards).classes, full=True)
     # W&B drops history rows whose step is below the run's last one, so evaluation logs one step later.
     numbers = {f"eval/{k}": v for k, v in values.items() if not isinstance(v, str)}  # "weights": "ema" stays in eval.json
