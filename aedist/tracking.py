@@ -10,6 +10,7 @@ Checkpoints go to W&B as model artifacts when ``log.wandb_artifacts`` asks (:met
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -57,6 +58,19 @@ def _wandb_mode(cfg: Config) -> str:
     return os.environ.get("WANDB_MODE", cfg.log.wandb)
 
 
+class _DeadSocketNoise(logging.Filter):
+    """Drops asyncio's "socket.send() raised exception." lines. wandb's client writes to its service over
+    a socket from an asyncio loop; once that service died, every write until the tracker notices (a race
+    of a few ms, longer on a loaded machine) repeats this line. The death itself is reported once, by
+    the tracker's own warning and :meth:`Tracker.health`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "socket.send() raised exception" not in record.getMessage()
+
+
+_NOISE = _DeadSocketNoise()
+
+
 def new_run_id() -> str:
     """A W&B-style run id (a sweep agent's WANDB_RUN_ID when set); stored in checkpoints so a
     resumed run continues the same W&B run."""
@@ -87,6 +101,8 @@ class Tracker:
             (self.run_dir / "figures").mkdir(parents=True, exist_ok=True)
         init_kwargs: dict[str, dict[str, Any]] = {}
         if "wandb" in trackers_for(cfg):
+            if _NOISE not in logging.getLogger("asyncio").filters:
+                logging.getLogger("asyncio").addFilter(_NOISE)
             init_kwargs["wandb"] = {
                 "id": self.run_id,
                 "resume": "allow",  # same id after a requeue -> the same W&B run continues
