@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
-from test_engine import RunFn, max_diff, start_and_kill, write_config
+from test_engine import RunFn, kill_and_resume, max_diff, write_config
 
 from aedist.config import ModelConfig
 from aedist.errors import UserError
@@ -123,9 +123,7 @@ def test_ema_after_kill_9_and_resume_equals_the_uninterrupted_ema(tmp_path: Path
 
     assert train(config("ref")).returncode == 0
     cfg, run = config("killed"), tmp_path / "runs/killed"
-    start_and_kill(cfg, run, 30)
-    resumed = train(cfg)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    kill_and_resume(train, cfg, run, 30)
     ref, got = find_ema_state(tmp_path / "runs/ref/checkpoints/step-64"), find_ema_state(run / "checkpoints/step-64")
     assert ref is not None and got is not None
     assert max_diff(got, ref) <= 1e-6

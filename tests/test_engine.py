@@ -101,13 +101,16 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.01)
 
 
-def start_and_kill(cfg: Path, run: Path, step: int) -> None:
-    """Start ``launch/train.py`` on ``cfg`` and SIGKILL it once checkpoint ``step-N`` of ``run`` is complete."""
+def kill_and_resume(train: RunFn, cfg: Path, run: Path, step: int) -> None:
+    """Start ``launch/train.py`` on ``cfg``, SIGKILL it once checkpoint ``step-N`` of ``run`` is complete,
+    then run the same command again to the end (it must resume and finish)."""
     proc = _start(cfg)
     _wait_for(run / f"checkpoints/step-{step}/COMPLETE", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+    resumed = train(cfg)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
@@ -115,9 +118,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path: Path, tin
     assert train(ref).returncode == 0
     cfg = _slow_resumable(tmp_path, tiny_shards, "killed")
     run = tmp_path / "runs/killed"
-    start_and_kill(cfg, run, 40)
-    resumed = train(cfg)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    kill_and_resume(train, cfg, run, 40)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from"] and summary["resumed_from"][0] >= 40
     ref_summary = json.loads((tmp_path / "runs/ref/summary.json").read_text())

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_elastic import _consumed, _launch
-from test_engine import RunFn, max_diff, start_and_kill, write_config
+from test_engine import RunFn, kill_and_resume, max_diff, write_config
 from torch import nn
 
 from aedist.config import load_config
@@ -176,9 +176,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_model_disc_and_ema(tmp_path:
 
     assert train(config("ref")).returncode == 0
     cfg, run = config("killed"), tmp_path / "runs/killed"
-    start_and_kill(cfg, run, 24)
-    resumed = train(cfg)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    kill_and_resume(train, cfg, run, 24)
     ref = tmp_path / "runs/ref"
     for f in ("model.safetensors", "model_1.safetensors"):
         assert max_diff(_ckpt(run, 48, f), _ckpt(ref, 48, f)) <= 1e-6, f

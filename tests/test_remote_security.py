@@ -39,17 +39,25 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.delenv(remote.TOKEN_ENV, raising=False)
 
 
-class Files(http.server.SimpleHTTPRequestHandler):
-    """The standard library's file server; counts GETs; with ``server.auth`` set, answers 401 to any other
-    Authorization header (as a real protected server does: a challenge, then the credentials)."""
+class _Counted(http.server.BaseHTTPRequestHandler):
+    """Quiet, and counts every GET per path in ``server.gets`` (under ``server.lock``)."""
 
     def log_message(self, *args: object) -> None:
         pass
 
-    def do_GET(self) -> None:
+    def count(self) -> http.server.HTTPServer:
         srv = self.server
         with srv.lock:
             srv.gets[self.path] += 1
+        return srv
+
+
+class Files(_Counted, http.server.SimpleHTTPRequestHandler):
+    """The standard library's file server; counts GETs; with ``server.auth`` set, answers 401 to any other
+    Authorization header (as a real protected server does: a challenge, then the credentials)."""
+
+    def do_GET(self) -> None:
+        srv = self.count()
         if srv.auth and self.headers.get("Authorization") not in srv.auth:
             self.send_response(401)
             self.send_header("WWW-Authenticate", 'Basic realm="shards"')
@@ -59,16 +67,11 @@ class Files(http.server.SimpleHTTPRequestHandler):
         super().do_GET()
 
 
-class Hostile(http.server.BaseHTTPRequestHandler):
+class Hostile(_Counted):
     """An attacker's server: ``manifest.json`` is the crafted one, every other path is the payload."""
 
-    def log_message(self, *args: object) -> None:
-        pass
-
     def do_GET(self) -> None:
-        srv = self.server
-        with srv.lock:
-            srv.gets[self.path] += 1
+        srv = self.count()
         body = srv.manifest if self.path.endswith("/manifest.json") else srv.payload
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))

@@ -210,7 +210,7 @@ def test_prefetch_yields_the_same_batches_positions_and_errors(tiny_shards: Path
 
 @pytest.mark.slow
 def test_prefetch_kill_9_resume_equals_the_uninterrupted_run_without_it(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
-    from test_engine import _slow_resumable, max_diff, start_and_kill, weights
+    from test_engine import _slow_resumable, kill_and_resume, max_diff, weights
 
     ref = _slow_resumable(tmp_path, tiny_shards, "ref")
     assert train(ref).returncode == 0
@@ -218,9 +218,7 @@ def test_prefetch_kill_9_resume_equals_the_uninterrupted_run_without_it(tmp_path
     sections = yaml.safe_load(cfg.read_text())
     sections["data"]["prefetch"] = True  # the reference ran without it: the same samples in the same order
     cfg.write_text(yaml.safe_dump(sections))
-    start_and_kill(cfg, run, 40)
-    resumed = train(cfg)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    kill_and_resume(train, cfg, run, 40)
     assert json.loads((run / "summary.json").read_text())["resumed_from"][0] >= 40
     assert max_diff(weights(run), weights(tmp_path / "runs/ref")) <= 1e-6
 
