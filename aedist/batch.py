@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from aedist.data.corruption import corrupt
+from aedist.errors import UserError
 
 
 @dataclass
@@ -42,11 +44,16 @@ def to_pixels(x: Tensor, normalize: bool) -> Tensor:
 
 
 def prepare_batch(images: Tensor, spec: list[Any], generator: torch.Generator | None, *, normalize: bool = False,
-                  channels_last: bool = False) -> Batch:
+                  channels_last: bool = False, keep: Tensor | None = None) -> Batch:
     """uint8 (or float in [0, 1]) images [B, C, H, W] -> a :class:`Batch`, corrupted by ``spec``
-    with draws from ``generator`` (an empty spec skips the corruption module entirely)."""
+    with draws from ``generator`` (an empty spec skips the corruption module entirely); rows where
+    ``keep`` (bool [B]) is set go in clean (data.repeat_clean: the originals of an expanded dataset)."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images
     pixel_in, pixel_tgt, params = corrupt(x, spec, generator) if spec else (x, x, {})
+    if keep is not None and spec:
+        if pixel_in.shape != x.shape:
+            raise UserError("data.repeat_clean works with corruptions that keep one input per image; not with copies")
+        pixel_in = torch.where(rearrange(keep, "b -> b 1 1 1"), x, pixel_in)
     inputs = to_model(pixel_in, normalize)
     if channels_last and inputs.dim() == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)

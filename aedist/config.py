@@ -6,6 +6,11 @@ pydantic checks types, ranges and choices; this module only turns its first comp
 naming the key, the value, what is allowed and (for typos) the closest valid name, raised as
 :class:`~aedist.errors.UserError` so entry scripts exit with code 2. Every field's ``description``
 is its one-line doc; ``python -m aedist.config`` prints the reference table that the README shows.
+
+This module is the schema alone and imports none of the registries (models, losses, objectives,
+corruptions, metrics): they import it for its types. Names that point into them are checked by
+:func:`aedist.loading.load_config`, after the user's extensions (``imports:``) are imported; entry
+points load configs through it. :func:`load_config` here checks types and ranges only.
 """
 
 from __future__ import annotations
@@ -90,6 +95,8 @@ class DataConfig:
     shuffle_buffer: Int = _f(8192, "Samples held by the shuffle buffer that mixes blocks.", ge=0)
     limit: Int = _f(0, "Use at most this many samples per split (0 = all); for debugging.", ge=0)
     normalize: Bool = _f(False, "Feed and reconstruct (x - 0.5) / 0.5 instead of [0, 1].")
+    repeat: Int = _f(1, "Each training epoch holds every image this many times, shuffled together (a dataset expanded R-fold).", ge=1)
+    repeat_clean: Int = _f(0, "Of those copies, the first N skip the corruption (repeat 6, repeat_clean 1: originals + 5 corrupted versions).", ge=0)
     on_error: Literal["raise", "skip"] = _f("raise", "A corrupt shard stops the run, or is skipped and counted.")
     pin_memory: Bool = _f(True, "Pin host batches before the device copy (only used with CUDA).")
     prefetch: AutoBool = _f("auto", "Read, pin and copy the next training batch on a thread during the step; auto = on with CUDA.")
@@ -160,6 +167,7 @@ class TrainConfig:
     max_bad_steps: Int = _f(0, "Skip up to N non-finite-loss steps before stopping (0 = stop on the first).", ge=0)
     collective_timeout_s: Num = _f(600.0, "Seconds a rank waits for the others at a collective before the job ends (exit 124; README: Exit codes).", gt=0)
     eval_every: Int = _f(1, "Validate and test every N epochs.", ge=1)
+    test_every: Int = _f(1, "Of those evaluations, run the test pass (and its kNN) only every N epochs and after the last; validation keeps eval_every.", ge=1)
     sync_every: Int = _f(0, "Host-device sync every N steps (0 = at log.every): skipped non-finite steps and stop signals are read there.", ge=0)
     preempt_signal: Literal["USR1", "USR2", "TERM"] = _f("USR1", "Signal that means 'save and exit 75' (SIGTERM always does); USR2 where NCCL takes USR1.")
     ema_decay: Num = _f(0.0, "EMA of the weights, updated every optimizer step (e.g. 0.999; 0 = off); evaluated as val_ema/, test_ema/.", ge=0.0, lt=1.0)
@@ -191,6 +199,8 @@ class EvalConfig:
 
 @dataclass(config=_SECTION)
 class Config:
+    imports: list[Str] = _f([], "Extensions imported before names are checked: modules (my_project.aeparts) or .py files (./aeparts.py, "
+                            "from the current folder); config.yaml records them resolved.")
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     corruption: list[Any] = _f([], "Ordered training corruptions (registry: aedist.data.corruption.CORRUPTIONS).")
@@ -224,7 +234,7 @@ class Config:
         return hashlib.sha256(json.dumps(model, sort_keys=True).encode()).hexdigest()[:16]
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "corruption"}
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in ("corruption", "imports")}
 _ADAPTER = TypeAdapter(Config)
 
 
@@ -314,39 +324,17 @@ def parse_override(item: str) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Validate a nested dict (a YAML file's content, a run's config.yaml) into a :class:`Config`."""
+    """Validate a nested dict (a YAML file's content, a run's config.yaml) into a :class:`Config`: types
+    and ranges; registered names are checked by :func:`aedist.loading.load_run_config`."""
     try:
-        cfg = _ADAPTER.validate_python(data)
+        return _ADAPTER.validate_python(data)
     except ValidationError as err:
         raise _one_line(err) from None
-    _check_registered(cfg)
-    return cfg
-
-
-def _check_registered(cfg: Config) -> None:
-    """Names that point into registries (model, loss, corruptions) must exist there; imported
-    lazily because the registries live beside their torch code."""
-    from aedist.data.corruption import validate_spec
-    from aedist.losses import LOSSES
-    from aedist.models import MODELS
-
-    MODELS.get(cfg.model.name, key="model.name").check_params(cfg.model)
-    LOSSES.get(cfg.loss.name, key="loss.name")
-    from aedist.objectives import OBJECTIVES
-
-    OBJECTIVES.get(cfg.objective.name, key="objective.name").check_params(cfg.objective.params)
-    for key, spec in [("corruption", cfg.corruption), *((f"eval.corruptions.{k}", v) for k, v in cfg.eval.corruptions.items())]:
-        try:
-            validate_spec(spec)
-        except ValueError as err:
-            raise UserError(f"config key '{key}': {err}") from None
-    from aedist.evaluation.quality import check_metric_names  # METRICS and QUALITY, filled by their imports
-
-    check_metric_names(cfg.eval.metrics)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides, validated."""
+    """Defaults, then the YAML file at ``path``, then ``key=value`` overrides, validated (types and ranges;
+    :func:`aedist.loading.load_config` also imports the extensions and checks registered names)."""
     data: dict[str, Any] = {}
     if path is not None:
         data = read_yaml(path, "config file")
@@ -424,9 +412,18 @@ def reference_markdown() -> str:
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m aedist.config`` prints the reference; ``--run-dir CONFIG [k=v ...]`` prints a run folder."""
+    """``python -m aedist.config`` prints the reference; ``--run-dir CONFIG [k=v ...] [--import X ...]`` prints a run folder."""
     if argv[:1] == ["--run-dir"] and len(argv) >= 2:
-        print(load_config(argv[1], argv[2:]).run_dir)
+        # slurm/train.sbatch passes train.py's arguments; `--import X` does not change the run folder.
+        rest, skip = [], False
+        for arg in argv[2:]:
+            if skip or arg.startswith("--import="):
+                skip = False
+                continue
+            skip = arg == "--import"
+            if not skip:
+                rest.append(arg)
+        print(load_config(argv[1], rest).run_dir)
     else:
         sys.stdout.write(reference_markdown() + "\n")
     return 0

@@ -98,6 +98,7 @@ class Trainer:
         self.lock = RunLock(cfg.run_dir) if acc.is_main_process else None
         set_cache_defaults(cfg.data.cache_dir, cfg.data.cache_max_gb)  # where URL shards land, for every read below
         self.manifest = read_manifest(cfg.data.shards)
+        self.train_size = self.manifest.split("train").num_samples  # N of the loader's repeat ids (copy k of sample i: i + k*N)
         self._check_inputs()
         # Metrics that need pretrained backbones (lpips, rfid): their weights are on disk, or one line now.
         check_backbones(cfg.eval.metrics, cfg.eval.lpips_net, tuple(self.manifest.shape[-2:]))
@@ -108,7 +109,8 @@ class Trainer:
             acc.print(f"note: {mask_url(cfg.data.shards)} has no val or test split, so nothing is evaluated "
                       "(pack with --val-fraction/--test-fraction > 0 for metrics and figures)")
         self.per_rank = cfg.data.batch_size // (self.world * t.grad_accum)
-        self.steps_per_epoch = num_batches(cfg.data.shards, "train", self.per_rank, self.world, limit=cfg.data.limit) // t.grad_accum
+        self.steps_per_epoch = num_batches(cfg.data.shards, "train", self.per_rank, self.world, limit=cfg.data.limit,
+                                           repeat=cfg.data.repeat) // t.grad_accum
         if self.steps_per_epoch == 0:
             cause = f"data.limit={cfg.data.limit}" if cfg.data.limit else f"the train split of {mask_url(cfg.data.shards)}"
             raise UserError(f"data.batch_size={cfg.data.batch_size} is larger than {cause}; lower the batch size")
@@ -284,7 +286,7 @@ class Trainer:
             cfg.data.shards, "train", self.per_rank, self.rank, self.world, seed=cfg.train.seed, epoch=s.epoch,
             device=acc.device, position=pos, start_batch=0 if pos else s.batch, batches_per_step=cfg.train.grad_accum,
             limit=cfg.data.limit, on_error=cfg.data.on_error, shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=cfg.data.pin_memory,
-            prefetch=self.prefetch)
+            prefetch=self.prefetch, repeat=cfg.data.repeat, return_ids=cfg.data.repeat_clean > 0)
         if pos is not None and stream.start is not None:
             acc.print(f"data position: {stream.start.describe()}")
         return stream
@@ -322,11 +324,13 @@ class Trainer:
         unwrapped = acc.unwrap_model(self.model)
         for micro in range(accum):
             t0 = time.perf_counter()
-            images, _ = next(batches)
+            images, _, *ids = next(batches)
             res.data_wait += time.perf_counter() - t0
+            # data.repeat_clean: copies k < repeat_clean of each image (id // N = k) stay uncorrupted
+            keep = (ids[0] // self.train_size < cfg.data.repeat_clean).to(images.device, non_blocking=True) if ids else None
             with acc.accumulate(self.model, *self.networks.values()):
                 gen = make_generator(cfg.train.seed, self.rank, s.step * accum + micro, images.device) if cfg.corruption else None
-                batch = prepare_batch(images, cfg.corruption, gen, normalize=cfg.data.normalize, channels_last=self.channels_last)
+                batch = prepare_batch(images, cfg.corruption, gen, normalize=cfg.data.normalize, channels_last=self.channels_last, keep=keep)
                 res.inputs += batch.inputs.shape[0] * self.world
                 precision.begin_step(self.compiled, acc.device)
                 terms = self.objective.micro_step(unwrapped, self.forward, batch, s.step, self.networks, backward)
@@ -503,22 +507,27 @@ class Trainer:
         acc, cfg, s = self.accelerator, self.cfg, self.state
         self.evaluated_at = s.step
         model = acc.unwrap_model(self.model)  # no DDP collectives inside: ranks hold different batch counts
-        values, test_latents = evaluate_split(model, cfg, acc, "val") if self.has_val else ({}, None)
-        if self.eval_split == "test":  # else val's latents stand in for test's (issue 27), or there are none
+        values, val_latents = evaluate_split(model, cfg, acc, "val") if self.has_val else ({}, None)
+        test_latents = val_latents if self.eval_split == "val" else None  # val stands in for a missing test split (issue 27)
+        # train.test_every: the test pass (and its kNN) can be sparser than validation, which picks the best checkpoint
+        run_test = self.eval_split == "test" and (last or s.epoch % cfg.train.test_every == 0)
+        if run_test:
             test_values, test_latents = evaluate_split(model, cfg, acc, "test")
             values.update(test_values)
         if test_latents is not None:
-            values.update(knn_metric(model, cfg, acc, test_latents, split=self.eval_split))
+            values.update(knn_metric(model, cfg, acc, test_latents, split=self.eval_split, class_names=self.manifest.classes))
         ema = self.ema.module if self.ema is not None else None
         if ema is not None:  # the same passes on the averaged weights: val_ema/…, test_ema/…
-            for split in (["val"] if self.has_val else []) + (["test"] if self.eval_split == "test" else []):
+            for split in (["val"] if self.has_val else []) + (["test"] if run_test else []):
                 values.update(evaluate_split(ema, cfg, acc, split, prefix=f"{split}_ema")[0])
         val_loss = values.get("val/loss")
         self.schedule.after_eval(val_loss)
         values["epoch"] = s.epoch
         self.tracker.log(values, step=s.step, epoch=s.epoch)
         if acc.is_main_process and probe is not None and (s.epoch % cfg.log.figures_every == 0 or last or s.epoch == 1):
-            figs = draw_figures(model, cfg, probe, test_latents, self.manifest.classes, full=last, ema_model=ema)
+            # latent plots use the test latents, or val's on epochs whose test pass train.test_every skipped
+            figs = draw_figures(model, cfg, probe, test_latents if test_latents is not None else val_latents, self.manifest.classes,
+                                full=last, ema_model=ema)
             self.tracker.log_images(figs, step=s.step, epoch=s.epoch)
         acc.wait_for_everyone()
         if self.checkpoints.after_eval(s, val_loss):  # issue 27 item 3: a new best -> W&B model artifact (log.wandb_artifacts)

@@ -7,9 +7,9 @@ Both formats get a model card (README.md) with the run's metrics (eval.json, els
 the commands that trained it (command.txt). A ``safetensors`` export is rebuilt with::
 
     from safetensors.torch import load_file
-    from aedist.config import config_from_dict, read_yaml
+    from aedist.loading import load_run_config
     from aedist.models import build_model
-    model = build_model(config_from_dict(read_yaml("DIR/config.yaml", "config")).model)
+    model = build_model(load_run_config("DIR").model)   # imports the extensions config.yaml records, if any
     model.load_state_dict(load_file("DIR/model.safetensors")); model.eval()
 """
 
@@ -18,21 +18,25 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 
-from aedist.config import Config, config_from_dict, read_yaml
+from aedist.config import Config
 from aedist.errors import UserError
 
 FORMATS = ("safetensors", "diffusers")
 
 
-def export_run(run_dir: str | Path, out: str | Path, fmt: str, *, weights: str = "auto", checkpoint: str | None = None) -> Path:
+def export_run(run_dir: str | Path, out: str | Path, fmt: str, *, weights: str = "auto", checkpoint: str | None = None,
+               imports: Sequence[str] = ()) -> Path:
     """Write ``out`` (new or empty) in format ``fmt`` from a run's checkpoint (``checkpoint``, else the
-    newest usable one); ``weights``: auto = EMA where the run kept it, ema (insists) or raw. Returns ``out``."""
+    newest usable one); ``weights``: auto = EMA where the run kept it, ema (insists) or raw. The run's
+    recorded extensions (and ``imports``, ``--import``) are imported to rebuild its model. Returns ``out``."""
     from aedist.evaluation.run import load_checkpoint_weights
+    from aedist.loading import load_run_config
 
     run, out = Path(run_dir), Path(out)
     if fmt not in FORMATS:
@@ -41,7 +45,7 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str, *, weights: str =
         raise UserError(f"{run} is not a run folder (no config.yaml); pass runs/NAME as made by launch/train.py")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} exists and is not an empty folder; pass a new folder")
-    cfg = config_from_dict(read_yaml(run / "config.yaml", "run config"))
+    cfg = load_run_config(run, imports)
     if fmt == "diffusers" and cfg.model.name != "diffusers_kl":  # before minutes of loading: the format cannot hold it
         raise UserError(f"--format diffusers needs a model.name=diffusers_kl run, and {run} is {cfg.model.name}; use --format safetensors")
     warn = lambda line: print(line, file=sys.stderr)  # noqa: E731 - a damaged newest checkpoint is skipped with one line
@@ -80,9 +84,9 @@ def model_card(run: Path, cfg: Config, fmt: str, weights: str, folder: Path, ste
     if fmt == "diffusers":
         load = "from diffusers import AutoencoderKL\nvae = AutoencoderKL.from_pretrained(\"DIR\")"
     else:
-        load = ("from safetensors.torch import load_file\nfrom aedist.config import config_from_dict, read_yaml\n"
+        load = ("from safetensors.torch import load_file\nfrom aedist.loading import load_run_config\n"
                 "from aedist.models import build_model\n"
-                "model = build_model(config_from_dict(read_yaml(\"DIR/config.yaml\", \"config\")).model)\n"
+                "model = build_model(load_run_config(\"DIR\").model)  # imports the extensions config.yaml records\n"
                 "model.load_state_dict(load_file(\"DIR/model.safetensors\"))\nmodel.eval()")
     lines = [
         f"# {run.name}",

@@ -149,6 +149,36 @@ def knn_accuracy(
     return float((clf.predict(scaler.transform(xte)) == yte).mean())
 
 
+def class_regions(
+    train_z: Tensor | np.ndarray, train_y: Tensor | np.ndarray, test_z: Tensor | np.ndarray, test_y: Tensor | np.ndarray,
+) -> dict[str, float]:
+    """Where test latents sit relative to the class regions of the train latents (standardized with the
+    train statistics, like :func:`knn_accuracy`), for "rotated embeddings stay in their class's region"
+    and "more dispersed clusters".
+
+    Returns:
+        ``in_class``: share of test latents whose nearest class centroid (mean train latent of a class)
+        is their own class's; ``spread``: mean distance of test latents to their own centroid over the
+        mean distance between centroids (larger = clusters more dispersed relative to their separation).
+    """
+    xtr = _as_numpy(train_z).reshape(len(train_z), -1).astype(np.float64)
+    xte = _as_numpy(test_z).reshape(len(test_z), -1).astype(np.float64)
+    ytr, yte = _as_numpy(train_y).ravel(), _as_numpy(test_y).ravel()
+    classes = np.unique(ytr)
+    if len(classes) < 2 or len(xte) == 0:
+        raise ValueError("class_regions needs train latents of at least 2 classes and one test latent")
+    scaler = StandardScaler().fit(xtr)
+    xtr, xte = scaler.transform(xtr), scaler.transform(xte)
+    centroids = np.stack([xtr[ytr == c].mean(axis=0) for c in classes])
+    dist = np.linalg.norm(xte[:, None, :] - centroids[None], axis=-1)  # [M, classes]
+    own = np.searchsorted(classes, yte)
+    known = (own < len(classes)) & (classes[np.minimum(own, len(classes) - 1)] == yte)  # test classes the train set has
+    between = np.linalg.norm(centroids[:, None] - centroids[None], axis=-1)[np.triu_indices(len(classes), 1)].mean()
+    rows = np.flatnonzero(known)
+    return {"in_class": float((dist[rows].argmin(axis=1) == own[rows]).mean()) if len(rows) else float("nan"),
+            "spread": float(dist[rows, own[rows]].mean() / between) if len(rows) and between > 0 else float("nan")}
+
+
 def latent_gaussianity(z: Tensor) -> dict[str, float]:
     """How close latent samples are to N(0, I); every value is 0 for a perfect match.
 

@@ -10,133 +10,22 @@ another training seed and are reported together as mean ± std (n).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from aedist.config import read_yaml
 from aedist.errors import UserError
-from aedist.study import FAILS, HOLDS, Experiment, Stat, Study, check_claim, data_of, group_stat, is_number, load_study
+from aedist.runs import CURVE_KEYS, Run, epoch_series, group_runs, is_number, load_run
+from aedist.study import Experiment, Stat, Study, check_claim, data_of, group_stat, load_study
 
 log = logging.getLogger(__name__)
-REPEAT = re.compile(r"^(?P<base>.+)-s\d+$")  # NAME-s1, NAME-s2: NAME trained again with train.seed=1, 2
-EPOCH_LOSS = "train/epoch_loss"
-CURVE_KEYS = (EPOCH_LOSS, "val/loss", "test/loss")
-
-
-def _read_json(path: Path, fix: str) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); {fix}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object; {fix}")
-    return data
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows. A crash mid-write leaves a half line (a resume then appends to it), so an
-    unreadable line is skipped with a warning rather than failing the whole report."""
-    rows = []
-    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
-    for i, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict):
-            log.warning("%s line %d is not a JSON object (half-written by a crash?); skipped", path, i)
-        elif row:
-            rows.append(row)
-    return rows
-
-
-def _points(rows: Iterable[dict[str, Any]], key: str, shift: int) -> list[tuple[int, float]]:
-    pts: dict[int, float] = {}
-    for row in rows:
-        if is_number(row.get(key)) and is_number(row.get("epoch")):
-            pts[int(row["epoch"]) + shift] = float(row[key])  # a resumed run logs an epoch again: the last row wins
-    return sorted(pts.items())
-
-
-def epoch_series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[tuple[int, float]], str | None]:
-    """(1-based epoch, value) of ``key``; for the epoch-mean training loss of an older run that did not
-    log it, the last step value of each epoch, with a note saying so."""
-    pts = _points(rows, key, 0)
-    if pts or key != EPOCH_LOSS:
-        return pts, None
-    # Step rows carry the 0-based epoch in progress; +1 puts them at the epoch val/test rows are logged at.
-    pts = _points(rows, "train/loss", 1)
-    return pts, ("train: last logged step of each epoch, not the epoch mean (run predates train/epoch_loss)" if pts else None)
-
-
-@dataclass
-class Run:
-    """One run folder as the report needs it."""
-    name: str
-    path: Path
-    config: dict[str, Any]
-    summary: dict[str, Any]
-    evals: dict[str, dict[str, Any]]  # "last": eval.json (newest checkpoint), "best": eval_best.json
-    rows: list[dict[str, Any]]
-    command: str
-
-    def section(self, name: str) -> dict[str, Any]:
-        v = self.config.get(name)
-        return v if isinstance(v, dict) else {}
-
-    @property
-    def shards(self) -> str:
-        return Path(str(self.section("data").get("shards", "?"))).name
-
-    @property
-    def precision(self) -> str:  # the resolved value when the run recorded one ("auto" says little)
-        return str(self.summary.get("mixed_precision") or self.section("train").get("mixed_precision", "?"))
-
-    def value(self, metric: str) -> float | None:
-        """``KEY`` from eval.json over summary.json; ``best:KEY`` from eval_best.json; ``first:KEY`` /
-        ``last:KEY`` from the per-epoch rows of metrics.jsonl."""
-        kind, _, key = metric.rpartition(":")
-        if kind in ("first", "last"):
-            pts = epoch_series(self.rows, key)[0]
-            return pts[0 if kind == "first" else -1][1] if pts else None
-        v = (self.evals["best"] if kind == "best" else {**self.summary, **self.evals["last"]}).get(key)
-        return float(v) if is_number(v) else None
-
-
-def load_run(path: str | Path) -> Run:
-    """Read a run folder; a garbled file is a one-line UserError naming it and the fix."""
-    p = Path(path)
-    cfg = read_yaml(p / "config.yaml", "run config")
-    evals = {"last": _read_json(p / "eval.json", f"evaluate again: python launch/evaluate.py {p}"),
-             "best": _read_json(p / "eval_best.json", f"evaluate again: python launch/evaluate.py {p} --checkpoint best")}
-    summary = _read_json(p / "summary.json", "restore it, or delete it and train the run again (it resumes)")
-    cmd = p / "command.txt"  # one line per (re)start: a resumed run lists each command once
-    command = "\n".join(dict.fromkeys(cmd.read_text(errors="replace").splitlines())) if cmd.is_file() else ""
-    return Run(p.name, p, cfg, summary, evals, read_rows(p / "metrics.jsonl"), command)
-
-
 def _progress(run: Run) -> str:
     """How far an unfinished run got: its finished epochs (those with an epoch-mean loss) of the schedule."""
     done = len(epoch_series(run.rows, "train/epoch_loss")[0])
     return f"{done} of {run.section('train').get('epochs', '?')} epochs"
-
-
-def group_runs(runs: Iterable[Run]) -> dict[str, list[Run]]:
-    """NAME, NAME-s1, NAME-s2 … -> {NAME: [runs]}, NAME itself first."""
-    groups: dict[str, list[Run]] = {}
-    for r in runs:
-        m = REPEAT.match(r.name)
-        groups.setdefault(m["base"] if m else r.name, []).append(r)
-    return {base: sorted(rs, key=lambda r: (r.name != base, r.name)) for base, rs in groups.items()}
 
 
 def _cell(st: Stat | None, spec: str = ".4f", unit: str = "") -> str:
@@ -267,16 +156,23 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
         lines += _table(["experiment", "run", "quantity", "source", "ours", "note"], rows)
     if study.experiments:
         lines += ["## Claims, checked", "",
-                  f"A claim *holds* or *does not hold* only where every run it uses trained for the source's number of "
-                  f"epochs, ran on the source's own data where the claim depends on the data, and the gap between its two "
-                  f"sides exceeds {k:g} x the larger std over repeated training seeds; where neither side is repeated, the gap "
-                  f"must exceed {m:.0%} of the larger side. Anything else is *not tested here*, with the reason.", ""]
+                  f"Each claim is the source's own, checked on our runs. A comparison *holds* or *does not hold* where its gap "
+                  f"exceeds {k:g} x the larger std over repeated training seeds; where neither side is repeated, where it exceeds "
+                  f"the margin the study file states for it (relative for ratio-scale quantities such as MSE, absolute for dB) or, "
+                  f"for ratio-scale quantities, {m:.0%} of the larger side; a single run against a threshold stated in the study "
+                  f"file is judged as it stands. An equivalence (≈, within a stated margin) holds where the gap plus the spread "
+                  f"band stays inside the margin. Every rule prints the numbers it used. A run on a stand-in dataset gets a verdict "
+                  f"that names it (\"holds on …\"); a run short of the source's schedule leaves the claim *not tested here*; "
+                  f"*numbers only* marks a claim too vague to judge, with the reason.", ""]
     for exp in study.experiments.values():
         lines += [f"### {exp.title}", "", f"Source: {exp.source or '–'}; {exp.epochs} epochs on {exp.data}.", ""]
+        lines += [*(f"- Disclosure: {d.strip()}" for d in exp.disclosures), *([""] if exp.disclosures else [])]
         for claim in exp.claims:
-            status, evidence, why = check_claim(claim, exp, groups, study, unfinished)
-            mark = {HOLDS: "**holds**", FAILS: "**does not hold**"}.get(status, "*not tested here*")
-            lines.append(f"- {mark}: {claim.text} ({evidence}; {why})")
+            v = check_claim(claim, exp, groups, study, unfinished)
+            op = {"~=": "≈"}.get(claim.op, claim.op)
+            extra = "".join(f" {label}: {text.strip().rstrip('.')}." for label, text in (("Why this threshold", claim.why if v.status != "numbers only" else ""),
+                                                                                          ("Note", claim.note)) if text)
+            lines.append(f"- {v.mark}: {claim.text} [{op}] ({v.evidence}; {v.rule}).{extra}")
         lines.append("")
 
     from aedist import visuals  # matplotlib and torch: only once there is something to draw

@@ -1,6 +1,8 @@
 """Evaluate a run's newest complete checkpoint: metrics to eval.json, figures to figures/ and W&B.
 
-    python launch/evaluate.py runs/fashion_rotated [--split test] [--checkpoint best] [--weights auto|ema|raw]
+    python launch/evaluate.py runs/fashion_rotated [--split test|val|train] [--checkpoint best] [--weights auto|ema|raw] [--import X]
+
+The extensions the run imported (``imports`` in its config.yaml) are imported again; --import adds more.
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ from aedist.errors import run_cli
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run folder made by launch/train.py (holds config.yaml and checkpoints/)")
-    parser.add_argument("--split", default="test", choices=["test", "val"], help="split to measure")
+    parser.add_argument("--split", default="test", choices=["test", "val", "train"],
+                        help="split to measure; train: in eval mode, keyed train_eval/ (a generalization gap against val/), to eval_train.json")
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder name (default: newest complete step-N)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
     parser.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
                         help="auto = the EMA weights where the run kept them (train.ema_decay > 0), else raw")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="also import this module or .py file (the run's recorded imports are always imported); repeatable")
     args = parser.parse_args(argv)
 
     from aedist.evaluation.run import evaluate_run
 
-    out = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, wandb=not args.no_wandb, weights=args.weights)
+    out = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, wandb=not args.no_wandb, weights=args.weights,
+                       imports=args.imports)
     print(f"wrote {out}")
     return 0
 

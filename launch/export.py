@@ -9,6 +9,7 @@ safetensors: model.safetensors + the run's config.yaml (rebuild with
 diffusers: an AutoencoderKL ``save_pretrained`` folder, read by ``AutoencoderKL.from_pretrained(DIR)``
 and by aedist's ``model: {name: diffusers_kl, params: {pretrained: DIR}}``.
 Both write a README.md model card: the run's metrics (eval.json, else summary.json) and its training command.
+The extensions the run imported (``imports`` in its config.yaml) are imported again; --import adds more.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True, help="folder to write (must not exist, or be empty)")
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder name, e.g. best or step-N (default: newest usable)")
     parser.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"], help="auto = EMA weights where the run kept them")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="also import this module or .py file (the run's recorded imports are always imported); repeatable")
     args = parser.parse_args(argv)
 
     from aedist.export import export_run
 
-    out = export_run(args.run_dir, args.out, args.format, weights=args.weights, checkpoint=args.checkpoint)
+    out = export_run(args.run_dir, args.out, args.format, weights=args.weights, checkpoint=args.checkpoint, imports=args.imports)
     print(f"wrote {out} ({args.format}; model card {out / 'README.md'})")
     return 0
 

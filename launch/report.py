@@ -1,6 +1,8 @@
 """Write the results report over finished runs: a table, a study's claims checked, loss curves, figures, commands.
 
-    python launch/report.py runs/* --claims configs/seeds/claims.yaml --out docs/RESULTS.md
+    python launch/report.py runs/* --claims configs/seeds/claims.yaml --out docs/RESULTS.md [--import X]
+
+The extensions the runs imported (the union of ``imports`` in their config.yaml) are imported first; --import adds more.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--claims", default=None, help="study file: claims, schedules, data, reference numbers, figures "
                         "(e.g. configs/seeds/claims.yaml); without it, only the table, curves and figures")
     parser.add_argument("--out", default="docs/RESULTS.md", help="Markdown file to write; figures go beside it in figures/")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="also import this module or .py file (each run's recorded imports are always imported); repeatable")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")  # skipped lines, left-out folders
 
+    from aedist.loading import import_run_extensions
     from aedist.report import write_report
 
+    import_run_extensions(args.runs, args.imports)  # what the runs were trained with, before anything reads them
     print(f"wrote {write_report(args.runs, args.out, claims=args.claims)}")
     return 0
 

@@ -31,6 +31,7 @@ run() { runs+=("$2"); train "$@"; }
 # Full schedules: seed 000 (51 epochs), 002 (20), 003 (20), 004 (50); one training seed first.
 run fashion_baseline fashion_baseline
 run fashion_rotated fashion_rotated
+run fashion_rotated_inbatch fashion_rotated_inbatch   # the in-batch variant, documented beside it
 for c in fashion_ae fashion_vae fashion_ae16 fashion_rot90 fashion_jigsaw; do run $c $c; done
 for c in colored_denoise_ae colored_denoise_reg colored_denoise_vae; do run $c $c data.shards=shards/colored-fashion; done
 run mnist_mlp mnist_mlp data.shards=shards/fashion-full
@@ -61,6 +62,10 @@ for r in "${runs[@]}"; do
   # runs with a val split also get their best-validation checkpoint scored (the report shows both)
   if [[ -d "runs/$r/checkpoints/best" && ! "runs/$r/eval_best.json" -nt "runs/$r/summary.json" ]]; then
     python launch/evaluate.py "runs/$r" --checkpoint best
+  fi
+  # and the train split in eval mode (train_eval/, eval_train.json): the generalization gaps of seeds 001 and 003
+  if [[ -d "runs/$r/checkpoints/best" && ! "runs/$r/eval_train.json" -nt "runs/$r/summary.json" ]]; then
+    python launch/evaluate.py "runs/$r" --split train --no-wandb
   fi
 done
 python launch/report.py "${runs[@]/#/runs/}" --claims configs/seeds/claims.yaml --out docs/RESULTS.md

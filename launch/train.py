@@ -3,6 +3,11 @@
     accelerate launch launch/train.py --config configs/seeds/fashion_rotated.yaml [key=value ...]
     python launch/train.py --config configs/debug.yaml [key=value ...]       # one process
     python launch/train.py --config configs/seeds/fashion_rotated.yaml --debug     # a few steps, anomaly checks
+    python launch/train.py --config configs/debug.yaml --import examples/aeparts.py model.name=tiny_mlp_ae  # your own parts
+
+--import (repeatable, like the config's ``imports:``) imports a module (my_project.aeparts) or a .py file
+(relative to the current folder) before the config's names are checked; config.yaml records it and a
+resume repeats it.
 
 Exit codes: 0 done, 2 bad input (one line on stderr), 75 preempted with a checkpoint saved (requeue me),
 130 interrupted (Ctrl-C) with a checkpoint saved, 1 training diverged (non-finite loss; the last good
@@ -21,8 +26,9 @@ from aedist.signals import STOP
 
 STOP.install()  # before anything slow: a signal during start-up is a stop request, not a kill
 
-from aedist.config import load_config  # noqa: E402
+from aedist import config  # noqa: E402
 from aedist.errors import PEER_LOST_EXIT, collective_failure, leave, run_cli, say_once  # noqa: E402
+from aedist.loading import load_config  # noqa: E402
 from aedist.sweeps import sweep_args  # noqa: E402
 
 DEBUG_OVERRIDES = ["data.limit=512", "train.max_steps=8", "train.epochs=1", "log.wandb=offline", "log.every=1"]
@@ -32,12 +38,14 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="experiment YAML (holds only what differs from the defaults)")
     parser.add_argument("--debug", action="store_true", help="tiny subset, a few steps, W&B offline, anomaly detection")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                        help="import a module (my_project.aeparts) or a .py file (./aeparts.py) first, so its registrations count; repeatable")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3 optim.lr=3e-4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `--import X` may come after overrides (slurm/train.sbatch appends them)
     args.config, overrides = sweep_args(args.config, list(args.overrides))
-    if args.debug:
-        overrides = DEBUG_OVERRIDES + [f"run.name={load_config(args.config, overrides).run.name}-debug"] + overrides
-    cfg = load_config(args.config, overrides)
+    if args.debug:  # only the name: the schema alone, no imports needed
+        overrides = DEBUG_OVERRIDES + [f"run.name={config.load_config(args.config, overrides).run.name}-debug"] + overrides
+    cfg = load_config(args.config, overrides, args.imports)
 
     import torch
 

@@ -74,3 +74,14 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x = np.random.default_rng(0).integers(0, 256, (192, 3, 6, 6), dtype=np.uint8)
     write_shards(out, {"train": (x, np.arange(192)), "test": (x[:10], np.arange(10))}, ["a"], samples_per_block=8, blocks_per_shard=3)
     return out
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """Exit 2 with exactly one ``error:`` line holding ``words``, and no traceback: how a user mistake ends."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    return errors[0]

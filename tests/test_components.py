@@ -45,6 +45,8 @@ def test_each_extension_point_registers_its_entries(registry: Registry, expected
 
 
 def test_unknown_loss_is_a_config_error_not_a_silent_mse() -> None:
+    from aedist.loading import load_config  # names are checked there (aedist.config: the schema alone)
+
     with pytest.raises(UserError, match="config key 'loss.name': unknown loss 'l2'"):
         load_config("configs/debug.yaml", ["loss.name=l2"])
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from aedist.config import Config, config_from_dict, load_config, parse_override, reference_markdown, save_config
+from aedist.config import Config, config_from_dict, parse_override, reference_markdown, save_config
 from aedist.errors import UserError
+from aedist.loading import load_config  # the schema, then imports:, then the registered names (aedist.config: the schema alone)
 
 ROOT = Path(__file__).resolve().parents[1]
 RunFn = Callable[..., subprocess.CompletedProcess]  # the run_py / train fixtures

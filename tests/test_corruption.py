@@ -278,3 +278,20 @@ def test_validate_errors_one_line(spec: object, message: str) -> None:
     assert message in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ValueError):
         corrupt(images(1), spec, gen())  # type: ignore[arg-type]
+
+
+def test_keep_rows_go_in_clean_and_the_rest_exactly_as_corrupted() -> None:
+    """data.repeat_clean: the originals of an expanded dataset skip the corruption; the other rows get
+    the same draws they would get without the mask."""
+    from aedist.batch import prepare_batch
+    from aedist.data.corruption import make_generator
+
+    images = torch.randint(0, 256, (8, 1, 12, 12), dtype=torch.uint8)
+    spec = [{"rotate": {"max_degrees": 180}}]
+    keep = torch.tensor([True, False, False, True, False, False, False, True])
+    plain = prepare_batch(images, spec, make_generator(0, 0, 5, images.device))
+    masked = prepare_batch(images, spec, make_generator(0, 0, 5, images.device), keep=keep)
+    clean = images.float() / 255
+    assert torch.equal(masked.inputs[keep], clean[keep]) and torch.equal(masked.inputs[~keep], plain.inputs[~keep])
+    assert not torch.equal(plain.inputs[keep], clean[keep])  # without the mask those rows would have been rotated
+    assert torch.equal(masked.targets, clean)

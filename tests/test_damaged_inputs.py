@@ -14,21 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import one_line_error
 
 RunFn = Callable[..., subprocess.CompletedProcess]  # the run_py / train fixtures
 
 pytestmark = pytest.mark.slow
 
-
-def one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
-    """The run failed with exit 2 and exactly one ``error:`` line holding ``words``, and no traceback."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    for w in words:
-        assert w in errors[0], (w, errors[0])
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -195,3 +196,23 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, tiny_shards: Path, over
     assert len(proc.stderr.strip().splitlines()) == 1
     for word in words:
         assert word in proc.stderr
+
+
+def test_expanded_dataset_trains_on_every_copy_and_evaluates_class_regions(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
+    """data.repeat 3 + repeat_clean 1 (seed 000's form: originals + rotated versions in one shuffled
+    epoch): 3x the steps, every copy of every image once per epoch (the loader's id dump), and the
+    per-class and class-region metrics in the summary."""
+    cfg = write_config(tmp_path, tiny_shards, "rep", data={"repeat": 3, "repeat_clean": 1}, corruption=[{"rotate": {"max_degrees": 180}}],
+                       eval={"knn_train": 64, "corruptions": {"rotated": [{"rotate": {"max_degrees": 180}}]}}, log={"wandb": "disabled", "every": 4})
+    dump = tmp_path / "ids"
+    dump.mkdir()
+    proc = train(cfg, env={"AEDIST_DUMP_IDS": str(dump)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "rep" / "summary.json").read_text())
+    assert summary["step"] == 2 * 3 * 256 // 64
+    for epoch in (0, 1):
+        (f,) = dump.glob(f"train-epoch{epoch}-*.i64")
+        ids = np.fromfile(f, dtype=np.int64)
+        assert sorted(ids.tolist()) == list(range(3 * 256))  # each of the 3 copies of the 256 images exactly once
+    for key in ("test_rotated/latent_in_class", "test/latent_in_class", "test/latent_spread", "test_rotated/decoded_class_acc/a"):
+        assert 0 <= summary[key] <= (1 if "in_class" in key or "acc" in key else 100), key

@@ -119,3 +119,34 @@ def test_stream_counts_and_its_position_resumes_like_start_batch(shards):
     assert len(by_position) == len(by_index) == len(stream) - 4
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(by_position, by_index))
     assert load_batches(d, "train", 64, shuffle=False, drop_last=False).position is None
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_repeat_expands_the_epoch_with_copies_shuffled_together_and_resumable(shards, world_size):
+    """data.repeat: every sample R times per epoch (ids i + k*N name copy k), copies mixed across
+    batches, pixels those of the raw array, and a mid-epoch position continues it exactly."""
+    d, x = shards
+    R, bs = 3, 20
+    per_rank = [list(load_batches(d, "train", bs, r, world_size, seed=2, epoch=1, repeat=R, return_ids=True, shuffle_buffer=150))
+                for r in range(world_size)]
+    assert all(len(b) == num_batches(d, "train", bs, world_size, repeat=R) == R * N // (world_size * bs) for b in per_rank)
+    ids = np.concatenate([i.numpy() for b in per_rank for _, _, i in b])
+    labels = np.concatenate([y.numpy() for b in per_rank for _, y, _ in b])
+    assert len(ids) == len(set(ids.tolist())) and ids.max() < R * N  # each copy once
+    base = {int(i): int(y) for _, y, ids0 in load_batches(d, "train", 50, shuffle=False, drop_last=False, return_ids=True)
+            for i, y in zip(ids0, y)}  # id -> sample (labels are the raw array's indices here)
+    np.testing.assert_array_equal([base[i] for i in (ids % N).tolist()], labels)  # copy k of sample i is sample i
+    counts = np.bincount(labels, minlength=N)
+    assert counts.max() == R and (counts == R).sum() >= N - world_size * bs  # all R copies but the dropped remainder
+    for batches in per_rank:
+        for images, y, _ in batches:
+            np.testing.assert_array_equal(images.numpy(), x[y.numpy()])
+    first = np.concatenate([i.numpy() for _, _, i in per_rank[0][:10]])
+    assert len(set((first // N).tolist())) == R  # early batches already hold every copy: shuffled together
+    stream = load_batches(d, "train", bs, 0, world_size, seed=2, epoch=1, repeat=R, return_ids=True, shuffle_buffer=150)
+    head = [next(stream) for _ in range(7)]
+    rest = list(load_batches(d, "train", bs, 0, world_size, seed=2, epoch=1, repeat=R, return_ids=True, shuffle_buffer=150,
+                             position=stream.position))
+    assert [torch.equal(a[2], b[2]) for a, b in zip(head + rest, per_rank[0])] == [True] * len(per_rank[0])
+    with pytest.raises(Exception, match="total"):  # a position from another repeat is refused, not silently misread
+        list(load_batches(d, "train", bs, 0, world_size, seed=2, epoch=1, repeat=2, shuffle_buffer=150, position=stream.position))

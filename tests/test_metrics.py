@@ -113,3 +113,26 @@ def test_gaussianity_closed_form_for_scaled_latents() -> None:
     got = metrics.latent_gaussianity(z)
     assert got["std_dev"] == pytest.approx(2.0, rel=0.05)
     assert got["kl"] == pytest.approx(0.5 * 6 * (9 - 1 - np.log(9)), rel=0.05)  # KL(N(0, 9I) || N(0, I))
+
+
+def test_class_regions_match_sklearn_nearest_centroid_and_a_hand_computed_spread() -> None:
+    from sklearn.neighbors import NearestCentroid
+    from sklearn.preprocessing import StandardScaler
+
+    from aedist.metrics import class_regions
+
+    rng = np.random.default_rng(0)
+    centers = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, 1.0], [0.0, 4.0, -1.0]])
+    ytr, yte = rng.integers(0, 3, 300), rng.integers(0, 3, 120)
+    xtr = centers[ytr] + rng.normal(0, 1.0, (300, 3)) * [1, 5, 0.2]  # unequal axis scales: standardization matters
+    xte = centers[yte] + rng.normal(0, 1.5, (120, 3)) * [1, 5, 0.2]
+    out = class_regions(torch.tensor(xtr), torch.tensor(ytr), xte, yte)
+    sc = StandardScaler().fit(xtr)
+    ref = NearestCentroid().fit(sc.transform(xtr), ytr)
+    assert out["in_class"] == pytest.approx(float((ref.predict(sc.transform(xte)) == yte).mean()))
+    c = ref.centroids_
+    own = np.linalg.norm(sc.transform(xte) - c[yte], axis=1).mean()
+    between = np.mean([np.linalg.norm(c[i] - c[j]) for i in range(3) for j in range(i + 1, 3)])
+    assert out["spread"] == pytest.approx(own / between)
+    wider = class_regions(xtr, ytr, centers[yte] + rng.normal(0, 3.0, (120, 3)) * [1, 5, 0.2], yte)
+    assert wider["spread"] > out["spread"]  # more dispersed test latents read as a larger spread

@@ -244,6 +244,8 @@ def test_missing_backbone_weights_are_refused_naming_file_folder_and_fix(tmp_pat
 
 
 def test_unknown_metric_name_is_a_user_error() -> None:
+    from aedist.loading import load_config  # names are checked there (aedist.config: the schema alone)
+
     with pytest.raises(UserError, match=r"config key 'eval.metrics': unknown metric 'ssmi'; did you mean 'ssim'\?.*known: .*lpips.*rfid"):
         load_config(None, ["eval.metrics=[mse, ssmi]"])
     assert load_config(None, []).eval.metrics == ["mse", "psnr_db", "snr_db"]

@@ -16,8 +16,9 @@ import yaml
 from PIL import Image
 
 from aedist.errors import UserError
-from aedist.report import epoch_series, group_runs, load_run, read_curves, write_report
-from aedist.study import FAILS, HOLDS, UNTESTED, Stat, check_claim, decide, load_study
+from aedist.report import read_curves, write_report
+from aedist.runs import epoch_series, group_runs, load_run
+from aedist.study import FAILS, HOLDS, SHOWN, UNTESTED, Rule, Stat, check_claim, decide, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 MakeRun = Callable[..., Path]
@@ -72,20 +73,25 @@ A_LT_B = {"text": "a beats b", "lhs": {"run": "a", "metric": "test/mse"}, "op": 
 def _verdict(study_path: Path, runs: list[Path]) -> tuple[str, str, str]:
     study = load_study(study_path)
     exp = study.experiments["A"]
-    return check_claim(exp.claims[0], exp, group_runs(load_run(r) for r in runs), study)
+    v = check_claim(exp.claims[0], exp, group_runs(load_run(r) for r in runs), study)
+    return v.status, v.evidence, v.rule
+
+
+RULE = Rule(spread_factor=2.0, clear_margin=0.5)
 
 
 def test_decide_needs_a_gap_beyond_twice_the_larger_std() -> None:
     a, b = Stat.of([0.010, 0.011, 0.012]), Stat.of([0.020, 0.021, 0.022])  # std 0.001 each, gap 0.010
-    assert decide("<", 1.0, a, b, 2.0, 0.5)[0] == HOLDS
-    assert decide(">", 1.0, a, b, 2.0, 0.5)[0] == FAILS
+    assert decide("<", 1.0, a, b, RULE)[0] == HOLDS
+    status, rule = decide(">", 1.0, a, b, RULE)
+    assert status == FAILS and rule == "gap 0.01 > 2 x the larger std 0.001 = 0.002"  # the threshold used, printed
     noisy = Stat.of([0.005, 0.015, 0.030])  # mean 0.0167, std 0.0126: the gap to b is within 2 std
-    status, rule = decide("<", 1.0, noisy, b, 2.0, 0.5)
+    status, rule = decide("<", 1.0, noisy, b, RULE)
     assert status == UNTESTED and "std" in rule
     # No repeats: only a clear gap (> 50 % of the larger side) is decisive.
-    assert decide("<", 1.0, Stat.of([0.01]), Stat.of([0.03]), 2.0, 0.5)[0] == HOLDS
-    assert decide("<", 1.0, Stat.of([0.019]), Stat.of([0.02]), 2.0, 0.5)[0] == UNTESTED
-    assert decide("<", 0.5, Stat.of([0.019]), Stat.of([0.02]), 2.0, 0.3)[0] == FAILS  # factor scales the rhs
+    assert decide("<", 1.0, Stat.of([0.01]), Stat.of([0.03]), RULE)[0] == HOLDS
+    assert decide("<", 1.0, Stat.of([0.019]), Stat.of([0.02]), RULE)[0] == UNTESTED
+    assert decide("<", 0.5, Stat.of([0.019]), Stat.of([0.02]), Rule(clear_margin=0.3))[0] == FAILS  # factor scales the rhs
 
 
 def test_a_repeated_stat_prints_its_std_at_the_means_precision() -> None:
@@ -113,11 +119,6 @@ def test_claim_not_tested_for_short_schedule_spread_standin_or_missing_run(make_
     assert _verdict(_study(tmp_path, [A_LT_B], epochs=3), runs)[0] == HOLDS
     status, _, why = _verdict(_study(tmp_path, [A_LT_B], epochs=20), runs)
     assert status == UNTESTED and "a trained 3 of the source's 20 epochs" in why
-    toy = [make_run(n, metrics={"test/mse": v}, shards="shards/toy") for n, v in [("ta", 0.010), ("tb", 0.030)]]
-    claim = {**A_LT_B, "lhs": {"run": "ta", "metric": "test/mse"}, "rhs": {"run": "tb", "metric": "test/mse"}}
-    assert _verdict(_study(tmp_path, [claim]), toy)[0] == HOLDS  # stand-in data, but the claim does not depend on it
-    status, _, why = _verdict(_study(tmp_path, [{**claim, "data_dependent": True}]), toy)
-    assert status == UNTESTED and "stand-in: Toy instead of Tiny" in why
     status, _, why = _verdict(_study(tmp_path, [{**A_LT_B, "rhs": {"run": "zz", "metric": "test/mse"}}]), runs)
     assert status == UNTESTED and "run zz missing" in why
     spread = [make_run(n, metrics={"test/mse": v}) for n, v in [("c", 0.01), ("c-s1", 0.03), ("d", 0.025), ("d-s1", 0.026)]]
@@ -201,7 +202,7 @@ def test_report_with_a_study_shows_verdicts_references_best_curves_and_figures(m
     refs = [{"run": "a", "metric": "first:train/epoch_loss", "label": "initial loss", "source": 0.108}]
     out = write_report([a, b, tmp_path / "never_started"], tmp_path / "docs" / "R.md",
                        claims=_study(tmp_path, [A_LT_B], references=refs)).read_text()
-    assert "- **holds**: a beats b" in out and "no repeats; gap 67%" in out
+    assert "- **holds**: a beats b [<]" in out and "no repeats; gap 0.02 > 50% of the larger side = 0.015" in out
     assert "| Exp A | a | initial loss (`first:train/epoch_loss`) | 0.108 | 0.1 |" in out
     assert "0.0090 (ep 2)" in out and "noisy: 0.0110 / 9.50 dB" in out  # best checkpoint; corrupted-input column
     figs = tmp_path / "docs" / "figures"
@@ -230,8 +231,88 @@ def test_report_module_names_no_experiment() -> None:
         if "run" in cfg:
             names |= {cfg["run"]["name"], cfg.get("log", {}).get("group") or cfg["run"]["name"]}
     assert len(names) > 10
-    for module in ("aedist/report.py", "aedist/study.py"):
+    for module in ("aedist/report.py", "aedist/study.py", "aedist/runs.py"):
         source = (ROOT / module).read_text()
         found = sorted(n for n in names if re.search(rf"\b{re.escape(n)}\b", source))
         assert not found, f"{module} names experiments {found}"
         assert not re.search(r"seed ?00\d", source, re.IGNORECASE), module
+
+
+def test_relative_margins_only_on_ratio_scale_and_dB_needs_an_absolute_one(tmp_path: Path) -> None:
+    # 8.0 vs 5.0 dB: a 38 % gap of the larger side, but a percentage of decibels means nothing
+    out, inp = Stat.of([8.0]), Stat.of([5.0])
+    status, rule = decide(">", 1.0, out, inp, Rule(log_scale=True))
+    assert status == UNTESTED and "margin_abs" in rule
+    assert decide(">", 1.0, out, inp, Rule(log_scale=True, margin_abs=1.0)) == (HOLDS, "no repeats; gap 3 > the stated margin 1")
+    assert decide(">", 1.0, Stat.of([5.5]), inp, Rule(log_scale=True, margin_abs=1.0))[0] == UNTESTED
+    # a stated relative margin replaces the study's clear_margin on ratio-scale quantities
+    assert decide("<", 1.0, Stat.of([0.019]), Stat.of([0.02]), Rule(margin=0.04))[0] == HOLDS
+    with pytest.raises(UserError, match="relative margin on a log quantity"):
+        load_study(_study(tmp_path, [{**A_LT_B, "lhs": {"run": "a", "metric": "test/snr_db"}, "margin": 0.1, "why": "w"}]))
+
+
+def test_equivalence_holds_fails_or_stays_open_by_gap_and_spread_band() -> None:
+    ref = Stat.of([0.100, 0.102, 0.098])  # std 0.002: band 2 x 0.002 = 0.004; margin 5 % of ~0.1 = 0.005
+    status, rule = decide("~=", 1.0, Stat.of([0.1005]), ref, Rule(margin=0.05))
+    assert status == HOLDS and "<= margin 5% of the larger side" in rule  # 0.0005 + 0.004 <= 0.005
+    assert decide("~=", 1.0, Stat.of([0.1040]), ref, Rule(margin=0.05))[0] == UNTESTED  # 0.004 +- 0.004 straddles 0.0052
+    assert decide("~=", 1.0, Stat.of([0.1200]), ref, Rule(margin=0.05))[0] == FAILS  # 0.02 - 0.004 > 0.006
+    assert decide("~=", 1.0, Stat.of([0.1]), Stat.of([0.1]), Rule(margin=0.05))[0] == UNTESTED  # no spread measured
+    assert decide("~=", 1.0, Stat.of([11.0]), Stat.of([10.9, 11.1]), Rule(margin_abs=0.5, log_scale=True))[0] == HOLDS
+
+
+def test_stand_in_verdicts_name_the_data_and_scaled_thresholds_are_printed(make_run: MakeRun, tmp_path: Path) -> None:
+    toy = [make_run(n, metrics={"test/mse": v}, shards="shards/toy") for n, v in [("ta", 0.010), ("tb", 0.030)]]
+    claim = {**A_LT_B, "lhs": {"run": "ta", "metric": "test/mse"}, "rhs": {"run": "tb", "metric": "test/mse"}}
+    study = load_study(_study(tmp_path, [claim, {**claim, "op": ">"}, {**claim, "factor": 0.8, "why": "w"}]))
+    exp, groups = study.experiments["A"], group_runs(load_run(r) for r in toy)
+    held, failed, scaled = (check_claim(c, exp, groups, study) for c in exp.claims)
+    assert (held.status, held.on, held.mark) == (HOLDS, "Toy", "**holds on Toy**")
+    assert failed.mark == "**does not hold on Toy**"
+    # 0.8 x 0.03 = 0.024: the threshold actually compared with, not the unscaled rhs
+    assert "threshold 0.8 x 0.03 = 0.024" in scaled.evidence and scaled.status == HOLDS and "gap 0.014 > 50% of the larger side = 0.012" in scaled.rule
+    text = write_report(toy, tmp_path / "out" / "R.md", _study(tmp_path, [claim])).read_text()
+    assert "**holds on Toy**: a beats b" in text
+
+
+def test_thresholds_need_a_reason_and_vague_claims_show_numbers_only(make_run: MakeRun, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="needs a why"):
+        load_study(_study(tmp_path, [{**A_LT_B, "factor": 1.5}]))
+    with pytest.raises(UserError, match="needs a why"):
+        load_study(_study(tmp_path, [{**A_LT_B, "rhs": {"value": 3}}]))
+    runs = [make_run(n, metrics={"test/mse": v}) for n, v in [("a", 0.010), ("b", 0.030)]]
+    status, evidence, why = _verdict(_study(tmp_path, [{**A_LT_B, "verdict": False, "why": "the source gives no number"}]), runs)
+    assert status == SHOWN and why == "the source gives no number" and "0.01" in evidence
+    # one run against a threshold stated (and justified) in the study file is judged as it stands
+    status, _, why = _verdict(_study(tmp_path, [{**A_LT_B, "rhs": {"value": 0.02}, "why": "w"}]), runs)
+    assert status == HOLDS and "threshold stated" in why
+
+
+def test_combined_sides_tail_share_and_split_eval_files(make_run: MakeRun, tmp_path: Path) -> None:
+    run = make_run("a", epochs=10, metrics={"test_rot/decoded_class_acc/Bag": 0.9, "test_rot/decoded_class_acc/Dress": 0.5,
+                                            "val/mse": 0.03})
+    (run / "eval_train.json").write_text(json.dumps({"train_eval/mse": 0.01}))  # evaluate.py --split train
+    r = load_run(run)
+    study = load_study(_study(tmp_path, [{"text": "mean of classes", "lhs": {"run": "a", "metric": ["test_rot/decoded_class_acc/Bag",
+                       "test_rot/decoded_class_acc/Dress"]}, "op": ">", "rhs": {"value": 0.6}, "why": "w"},
+                                         {"text": "gap", "lhs": {"run": "a", "metric": "val/mse", "minus": "train_eval/mse"}, "op": ">",
+                                          "rhs": {"value": 0.0}, "why": "w"}], epochs=10))
+    exp, groups = study.experiments["A"], group_runs([r])
+    mean_v, gap_v = (check_claim(c, exp, groups, study) for c in exp.claims)
+    assert "= 0.7 " in mean_v.evidence + " " and mean_v.status == HOLDS
+    assert "val/mse - train_eval/mse of a = 0.02" in gap_v.evidence
+    # epoch-mean loss 0.1/(e+1): the last 5 of 10 epochs make (0.1/5 - 0.1/10) / (0.1 - 0.1/10) of the whole decrease
+    assert r.value("tail5:train/epoch_loss") == pytest.approx((0.1 / 5 - 0.1 / 10) / (0.1 - 0.1 / 10))
+
+
+def test_report_study_and_runs_import_no_cycle() -> None:
+    """report -> study -> runs, never back: each module imports without the one above it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, aedist.runs; assert 'aedist.study' not in sys.modules and 'aedist.report' not in sys.modules; "
+            "import aedist.study; assert 'aedist.report' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    for module, banned in (("aedist/study.py", "aedist.report"), ("aedist/runs.py", "aedist.study"), ("aedist/runs.py", "aedist.report")):
+        assert f"from {banned} import" not in (ROOT / module).read_text(), (module, banned)

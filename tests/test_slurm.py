@@ -222,3 +222,33 @@ def test_preempted_job_requeues_and_resumes(cluster: SlurmCluster, tmp_path: Pat
     ids_after = _wandb_ids(run_dir)
     assert len(ids_after) >= 2 and set(ids_after) == ids_before, ids_after
     assert sorted(run_dir.glob("slurm-*.out")) == [log]  # the job's output went to the run folder
+
+
+@pytest.mark.slow
+def test_job_trains_with_an_extension_from_examples(cluster: SlurmCluster, tmp_path: Path, tiny_shards: Path) -> None:
+    # Issue 27: a user's model, loss, metric, corruption and figure reach the job's 2 processes through
+    # `--import`, passed after the config like any override; config.yaml records the file for a requeue.
+    example = REPO / "examples" / "aeparts.py"
+    cfg = tmp_path / "ext.yaml"
+    cfg.write_text(
+        f"""
+run: {{dir: {tmp_path / 'runs'}, name: ext}}
+data: {{shards: {tiny_shards}, batch_size: 32, eval_batch_size: 64}}
+model: {{name: tiny_mlp_ae, latent_dim: 4, params: {{width: 32}}}}
+loss: {{name: huber}}
+corruption: [{{invert: {{p: 0.5}}}}]
+train: {{epochs: 1, max_steps: 2}}
+log: {{wandb: disabled, every: 1, probe_size: 16}}
+eval: {{metrics: [mse, mae], knn_train: 64}}
+"""
+    )
+    run_dir = tmp_path / "runs" / "ext"
+    job = cluster.sbatch(["--output", str(tmp_path / "sbatch-%j.out"), "slurm/train_cpu.sbatch", str(cfg),
+                          "--import", "examples/aeparts.py"], cwd=REPO)
+    log = run_dir / f"slurm-{job}.out"
+    _wait(lambda: cluster.job(job).get("JobState") == "COMPLETED", 180, "the job to finish", cluster, job, log)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["completed"] is True and {"test/mae", "test/mse"} <= set(summary), summary
+    assert (run_dir / "figures" / "first_recon_epoch000.png").exists()
+    assert f"imports:\n- {example}\n" in (run_dir / "config.yaml").read_text()
+    assert "1 node(s) x 2 process(es)" in log.read_text(errors="replace")

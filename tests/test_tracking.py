@@ -138,6 +138,14 @@ def test_evaluate_writes_finite_metrics_and_report_tables_them(offline_run: Path
     text = report.read_text()
     assert "| tracked | tiny | 2 |" in text and f"{values['test/mse']:.4f}" in text
     assert "launch/train.py" in text and (tmp_path / "figures/tracked_recon.png").exists()
+    # the train split in eval mode goes to its own file and keys; eval.json (test) stays as it was
+    proc = run_py(["launch/evaluate.py", str(offline_run), "--split", "train", "--no-wandb"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = json.loads((offline_run / "eval_train.json").read_text())
+    assert math.isfinite(train["train_eval/mse"]) and not any(k.startswith("test") for k in train)
+    assert json.loads((offline_run / "eval.json").read_text()) == values
+    from aedist.runs import load_run
+    assert load_run(offline_run).value("train_eval/mse") == train["train_eval/mse"]
 
 
 def test_evaluate_on_a_folder_that_is_no_run_is_a_one_line_error(tmp_path: Path, run_py: RunFn) -> None:

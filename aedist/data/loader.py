@@ -74,12 +74,19 @@ def _rank_range(total: int, batch_size: int, rank: int, world_size: int, drop_la
     return rank * total // world_size, (rank + 1) * total // world_size
 
 
+def _repeated(blocks: list[Block], repeat: int, n_shards: int) -> list[Block]:
+    """``blocks`` ``repeat`` times, copy k as virtual shard ``si + k * n_shards`` (the reader maps it
+    back), so the copies are distinct stream blocks: shuffled together, and with distinct sample ids."""
+    return [(si + k * n_shards, bi, n) for k in range(repeat) for si, bi, n in blocks]
+
+
 def num_batches(
-    shards_dir: str | Path, split: str = "train", batch_size: int = 256, world_size: int = 1, *, drop_last: bool = True, limit: int = 0
+    shards_dir: str | Path, split: str = "train", batch_size: int = 256, world_size: int = 1, *, drop_last: bool = True, limit: int = 0,
+    repeat: int = 1,
 ) -> int:
     """Batches each rank yields per epoch (the most any rank yields when ``drop_last`` is False)."""
     m = S.read_manifest(shards_dir)
-    total = sum(n for _, _, n in _split_blocks(m, split, limit))
+    total = repeat * sum(n for _, _, n in _split_blocks(m, split, limit))
     if drop_last:
         return total // (world_size * batch_size)
     return max(-(-(hi - lo) // batch_size) for lo, hi in (_rank_range(total, batch_size, r, world_size, False) for r in range(world_size)))
@@ -118,6 +125,7 @@ class _Reader:
     def read(self, block: Block, start: int, stop: int, images: np.ndarray, labels: np.ndarray) -> None:
         """Copy samples ``start:stop`` of ``block`` into ``images`` [n,C,H,W] and ``labels`` [n]."""
         si, bi, _ = block
+        si %= len(self.shards)  # a repeat copy's virtual shard index (see _repeated)
         self.check(si)
         if self.m.layout == "samples":
             if self.foreign is None or self.foreign[0] != si:
@@ -166,6 +174,7 @@ def load_batches(
     verify: bool = True,
     stats: dict[str, Any] | None = None,
     prefetch: bool = False,
+    repeat: int = 1,
 ) -> BatchStream:
     """Yield (images uint8 [B,C,H,W], labels int64 [B]) of ``rank``'s share of one epoch on ``device``.
 
@@ -182,6 +191,10 @@ def load_batches(
     (sizes and tar structure are still checked). ``prefetch`` reads, pins and copies the next batch on
     a thread while the caller computes (on CUDA the copy runs on a side stream); the order, the
     position and the ids hook count only batches handed out, so resume is unchanged.
+
+    ``repeat=R`` makes the epoch hold every sample R times, the copies shuffled together like distinct
+    samples (a dataset expanded R-fold); copy k of sample i has id ``i + k * N`` (N = the split's
+    samples in the manifest), so ``ids // N`` says which copy a row is.
     """
     if on_error not in ("raise", "skip"):
         raise UserError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -205,6 +218,10 @@ def load_batches(
                 bad.add(si)
         stats["skipped_shards"] += len(bad)
         blocks = [b for b in blocks if b[0] not in bad]
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    n_shards = len(m.split(split).shards)
+    blocks = _repeated(blocks, repeat, n_shards) if repeat > 1 else blocks
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(len(blocks))
         blocks = [blocks[i] for i in order]
@@ -215,7 +232,7 @@ def load_batches(
     dev = torch.device(device)
     pin = pin_memory and dev.type == "cuda"
     dump = os.environ.get(DUMP_ENV, "") if drop_last else ""
-    bases = block_bases([s.blocks for s in m.split(split).shards]) if return_ids or dump else None
+    bases = block_bases([s.blocks for s in m.split(split).shards] * repeat) if return_ids or dump else None
     dump_path = Path(dump) / f"{split}-epoch{epoch}-world{world_size}-rank{rank}-pid{os.getpid()}.i64" if dump else None
     pieces_reader = PieceReader(reader, m.shape, seed, epoch, shuffle, pin, bases)
     gen = _iterate(reader, pieces_reader, pieces, batch_size, dev, drop_last, pin, stats, return_ids, dump_path is not None)

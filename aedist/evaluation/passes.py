@@ -86,7 +86,8 @@ def evaluate_split(model: nn.Module, cfg: Config, accelerator: Accelerator, spli
     model.eval()
     norm = cfg.data.normalize
     tally = _Tally(QualityTally(cfg.eval.metrics, lpips_net=cfg.eval.lpips_net))
-    latents: dict[str, list[np.ndarray]] = {"clean": [], **{name: [] for name in cfg.eval.corruptions}}
+    # per corruption: the decoded outputs re-encoded (NAME) and the corrupted inputs themselves (NAME/input)
+    latents: dict[str, list[np.ndarray]] = {"clean": [], **{k: [] for name in cfg.eval.corruptions for k in (name, f"{name}/input")}}
     labels: list[np.ndarray] = []
     loss_keys: list[str] = ["loss", "recon", "kl"] if is_variational(model) else ["loss", "recon"]
     name_as = prefix or split
@@ -109,6 +110,7 @@ def evaluate_split(model: nn.Module, cfg: Config, accelerator: Accelerator, spli
             tally.add(f"{name_as}_{name}", to_pixels(c_out.float(), norm), c.pixel_targets)
             tally.add(f"{name_as}_{name}/input", c.pixel_inputs, c.pixel_targets)
             latents[name].append(model.encode(c_out).float().cpu().numpy())
+            latents[f"{name}/input"].append(model.encode(c.inputs).float().cpu().numpy())
     model.train(was_training)
     set_names = [name_as, *(f"{name_as}_{n}{s}" for n in cfg.eval.corruptions for s in ("", "/input"))]
     values = tally.reduce(accelerator, name_as, loss_keys, set_names)
@@ -123,11 +125,15 @@ def _gather(parts: list[np.ndarray]) -> np.ndarray:
 
 
 @torch.no_grad()
-def knn_metric(model: nn.Module, cfg: Config, accelerator: Accelerator, test: Latents, split: str = "test") -> dict[str, float]:
+def knn_metric(model: nn.Module, cfg: Config, accelerator: Accelerator, test: Latents, split: str = "test",
+               class_names: list[str] | None = None) -> dict[str, float]:
     """kNN class accuracy: fit on latents of the first ``eval.knn_train`` train images, score on test
     latents (``test/knn_acc``) and on re-encoded decodes of corrupted test images
     (``test_NAME/decoded_class_acc``: does the decoded image keep its class?). ``split`` names the
-    keys: ``val`` when val latents stand in for test (shards without a test split)."""
+    keys: ``val`` when val latents stand in for test (shards without a test split). Also the class
+    regions (:func:`aedist.metrics.class_regions`) of clean latents (``test/latent_in_class``,
+    ``test/latent_spread``) and of corrupted inputs (``test_NAME/latent_in_class``), and the decoded
+    class accuracy per class (``test_NAME/decoded_class_acc/CLASS``, CLASS from ``class_names``)."""
     model.eval()
     zs, ys = [], []
     for images, y in eval_batches(cfg, accelerator, "train", cfg.eval.knn_train):
@@ -139,7 +145,16 @@ def knn_metric(model: nn.Module, cfg: Config, accelerator: Accelerator, test: La
     if len(np.unique(train_y)) < 2 or len(test_y) == 0:
         return {}
     out = {f"{split}/knn_acc": metrics.knn_accuracy(train_z, train_y, latents["clean"], test_y, k=cfg.eval.knn_k)}
+    out.update({f"{split}/latent_{k}": v for k, v in metrics.class_regions(train_z, train_y, latents["clean"], test_y).items()})
+    names = class_names or []
     for name, z in latents.items():
-        if name != "clean":
+        if name.endswith("/input"):  # the corrupted inputs' own latents: do they stay in their class's region?
+            regions = metrics.class_regions(train_z, train_y, z, test_y)
+            out[f"{split}_{name.removesuffix('/input')}/latent_in_class"] = regions["in_class"]
+        elif name != "clean":
             out[f"{split}_{name}/decoded_class_acc"] = metrics.knn_accuracy(train_z, train_y, z, test_y, k=cfg.eval.knn_k)
+            for c in np.unique(test_y).tolist():  # per class: a seed may say which classes keep theirs
+                rows = test_y == c
+                label = names[c] if 0 <= c < len(names) else str(c)
+                out[f"{split}_{name}/decoded_class_acc/{label}"] = metrics.knn_accuracy(train_z, train_y, z[rows], test_y[rows], k=cfg.eval.knn_k)
     return out

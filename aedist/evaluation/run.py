@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -16,14 +16,16 @@ from torch import nn
 
 from aedist import metrics
 from aedist.checkpoint import DamagedCheckpoint, TrainState, check_files, check_writable, named_checkpoint, newest_usable, read_matching_state
-from aedist.config import Config, config_from_dict, read_yaml
+from aedist.config import Config
 from aedist.data import read_manifest
 from aedist.data.remote import set_cache_defaults
 from aedist.errors import UserError
 from aedist.evaluation import draw_figures, evaluate_split, knn_metric, load_probe
 from aedist.evaluation.backbones import check_backbones
+from aedist.loading import load_run_config
 from aedist.models import build_model
 from aedist.optim import find_ema_state
+from aedist.runs import eval_file
 
 
 def load_weights(cfg: Config, folder: Path, weights: str, device: torch.device | str) -> tuple[nn.Module, bool]:
@@ -73,16 +75,17 @@ def load_checkpoint_weights(cfg: Config, run: Path, checkpoint: str | None, weig
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | None = None, wandb: bool = True,
-                 weights: str = "auto") -> Path:
+                 weights: str = "auto", imports: Sequence[str] = ()) -> Path:
     """Metrics and figures of a run's checkpoint; returns the path of the eval.json it wrote.
 
     ``weights``: ``auto`` = the EMA weights where the checkpoint has them (what a trained KL autoencoder
     ships), else the raw ones; ``ema`` insists on them; ``raw`` = the optimizer's weights. The
-    checkpoint is only read: a discriminator or optimizer state in it stays as it is."""
+    checkpoint is only read: a discriminator or optimizer state in it stays as it is. The extensions the
+    run's config.yaml records are imported again, and ``imports`` (``--import``) besides."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a run folder (no config.yaml); pass runs/NAME as made by launch/train.py")
-    cfg = config_from_dict(read_yaml(run / "config.yaml", "run config"))
+    cfg = load_run_config(run, imports)
     set_cache_defaults(cfg.data.cache_dir, cfg.data.cache_max_gb)
     cfg.run.dir, cfg.run.name = str(run.parent), run.name
     # A read-only run folder, a damaged checkpoint or a bad --checkpoint: told before minutes of evaluation.
@@ -97,16 +100,21 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
                       project_dir=str(run))
     model.to(acc.device)
 
-    values, latents = evaluate_split(model, cfg, acc, split)
-    values.update(knn_metric(model, cfg, acc, latents, split=split))
+    # The train split in eval mode (no dropout, batch-norm running stats) is keyed train_eval/, apart from
+    # the training-time train/ loss: a generalization gap compares it with val/ of the same checkpoint.
+    name = "train_eval" if split == "train" else split
+    values, latents = evaluate_split(model, cfg, acc, split, prefix=name)
+    classes = read_manifest(cfg.data.shards).classes
+    if split != "train":  # the kNN is fitted on train latents: scoring it on them says nothing
+        values.update(knn_metric(model, cfg, acc, latents, split=split, class_names=classes))
     z = torch.from_numpy(latents[0]["clean"])
-    values.update({f"{split}/latent_{k}": v for k, v in metrics.latent_gaussianity(z).items()})
+    values.update({f"{name}/latent_{k}": v for k, v in metrics.latent_gaussianity(z).items()})
     values.update({"checkpoint_step": state.step, "epoch": state.epoch, "weights": "ema" if ema else "raw"})
-    out = run / (f"eval_{checkpoint}.json" if checkpoint else "eval.json")  # e.g. eval_best.json beside eval.json
+    out = run / eval_file(checkpoint, split)  # eval.json, eval_best.json, eval_train.json, eval_best_train.json ...
     out.write_text(json.dumps(values, indent=2))
 
     tracker = Tracker(acc, cfg, state.wandb_run_id, job_type="evaluate")  # the training run's W&B id: same run, resumed (job_type: issue 27)
-    figs = draw_figures(model, cfg, load_probe(cfg, acc.device), latents, read_manifest(cfg.data.shards).classes, full=True)
+    figs = {} if split == "train" else draw_figures(model, cfg, load_probe(cfg, acc.device), latents, classes, full=True)
     # W&B drops history rows whose step is below the run's last one, so evaluation logs one step later.
     numbers = {f"eval/{k}": v for k, v in values.items() if not isinstance(v, str)}  # "weights": "ema" stays in eval.json
     tracker.log(numbers, step=state.step + 1, epoch=state.epoch)

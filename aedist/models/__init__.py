@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,18 +114,3 @@ def is_variational(model: nn.Module) -> bool:
 def count_params(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def main(argv: Sequence[str]) -> int:
-    """Print the model of a config and its encoder / decoder / total parameter counts."""
-    from aedist.config import load_config
-
-    if not argv:
-        raise UserError("usage: python -m aedist.models CONFIG.yaml [key=value ...]")
-    model = build_model(load_config(argv[0], list(argv[1:])).model)
-    print(model)
-    parts = getattr(model, "vae", model)  # diffusers_kl keeps diffusers' encoder/decoder inside .vae
-    print(f"encoder params: {count_params(parts.encoder)}")
-    print(f"decoder params: {count_params(parts.decoder)}")
-    print(f"total params: {count_params(model)}")
-    return 0

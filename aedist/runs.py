@@ -1,0 +1,152 @@
+"""A run folder as the report and the study read it: config, summary, eval files and per-epoch rows.
+
+    run = load_run("runs/NAME")
+    run.value("best:test/mse"), run.value("last:train/epoch_loss"), run.value("tail5:train/epoch_loss")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aedist.config import read_yaml
+from aedist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float (not a bool): what a metric value must be to count."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+REPEAT = re.compile(r"^(?P<base>.+)-s\d+$")  # NAME-s1, NAME-s2: NAME trained again with train.seed=1, 2
+EPOCH_LOSS = "train/epoch_loss"
+CURVE_KEYS = (EPOCH_LOSS, "val/loss", "test/loss")
+
+
+def _read_json(path: Path, fix: str) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object; {fix}")
+    return data
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows. A crash mid-write leaves a half line (a resume then appends to it), so an
+    unreadable line is skipped with a warning rather than failing the whole report."""
+    rows = []
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            log.warning("%s line %d is not a JSON object (half-written by a crash?); skipped", path, i)
+        elif row:
+            rows.append(row)
+    return rows
+
+
+def _points(rows: Iterable[dict[str, Any]], key: str, shift: int) -> list[tuple[int, float]]:
+    pts: dict[int, float] = {}
+    for row in rows:
+        if is_number(row.get(key)) and is_number(row.get("epoch")):
+            pts[int(row["epoch"]) + shift] = float(row[key])  # a resumed run logs an epoch again: the last row wins
+    return sorted(pts.items())
+
+
+def epoch_series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[tuple[int, float]], str | None]:
+    """(1-based epoch, value) of ``key``; for the epoch-mean training loss of an older run that did not
+    log it, the last step value of each epoch, with a note saying so."""
+    pts = _points(rows, key, 0)
+    if pts or key != EPOCH_LOSS:
+        return pts, None
+    # Step rows carry the 0-based epoch in progress; +1 puts them at the epoch val/test rows are logged at.
+    pts = _points(rows, "train/loss", 1)
+    return pts, ("train: last logged step of each epoch, not the epoch mean (run predates train/epoch_loss)" if pts else None)
+
+
+@dataclass
+class Run:
+    """One run folder as the report needs it."""
+    name: str
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    evals: dict[str, dict[str, Any]]  # "last": the newest checkpoint's eval files merged (eval.json, eval_train.json ...), "best": eval_best*.json
+    rows: list[dict[str, Any]]
+    command: str
+
+    def section(self, name: str) -> dict[str, Any]:
+        v = self.config.get(name)
+        return v if isinstance(v, dict) else {}
+
+    @property
+    def shards(self) -> str:
+        return Path(str(self.section("data").get("shards", "?"))).name
+
+    @property
+    def precision(self) -> str:  # the resolved value when the run recorded one ("auto" says little)
+        return str(self.summary.get("mixed_precision") or self.section("train").get("mixed_precision", "?"))
+
+    def value(self, metric: str) -> float | None:
+        """``KEY`` from the newest checkpoint's eval files over summary.json; ``best:KEY`` from the
+        best-validation checkpoint's; ``first:KEY`` / ``last:KEY`` from the per-epoch rows of
+        metrics.jsonl; ``tail5:KEY``: the share of KEY's whole decrease (epoch 1 to the last) made in
+        the last 5 epochs, which is about 5/epochs for a straight line and near 0 once it has flattened."""
+        kind, _, key = metric.rpartition(":")
+        if kind in ("first", "last", "tail5"):
+            pts = [v for _, v in epoch_series(self.rows, key)[0]]
+            if kind == "tail5":
+                total = pts[0] - pts[-1] if len(pts) > 5 else 0.0
+                return (pts[-6] - pts[-1]) / total if total else None
+            return pts[0 if kind == "first" else -1] if pts else None
+        v = (self.evals["best"] if kind == "best" else {**self.summary, **self.evals["last"]}).get(key)
+        return float(v) if is_number(v) else None
+
+
+def eval_file(checkpoint: str | None, split: str = "test") -> str:
+    """The file launch/evaluate.py writes a checkpoint's metrics of ``split`` to: eval.json (newest,
+    test), eval_best.json, eval_train.json, eval_best_train.json ... (keys carry the split, so the
+    report merges one checkpoint's files)."""
+    return "eval" + (f"_{checkpoint}" if checkpoint else "") + ("" if split == "test" else f"_{split}") + ".json"
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a run folder; a garbled file is a one-line UserError naming it and the fix."""
+    p = Path(path)
+    cfg = read_yaml(p / "config.yaml", "run config")
+    evals: dict[str, dict[str, Any]] = {}
+    for kind, ckpt in (("last", None), ("best", "best")):
+        evals[kind] = {}
+        for split in ("test", "val", "train"):
+            flag = "" if ckpt is None else f" --checkpoint {ckpt}"
+            evals[kind].update(_read_json(p / eval_file(ckpt, split), f"evaluate again: python launch/evaluate.py {p}{flag} --split {split}"))
+    summary = _read_json(p / "summary.json", "restore it, or delete it and train the run again (it resumes)")
+    cmd = p / "command.txt"  # one line per (re)start: a resumed run lists each command once
+    command = "\n".join(dict.fromkeys(cmd.read_text(errors="replace").splitlines())) if cmd.is_file() else ""
+    return Run(p.name, p, cfg, summary, evals, read_rows(p / "metrics.jsonl"), command)
+
+
+def group_runs(runs: Iterable[Run]) -> dict[str, list[Run]]:
+    """NAME, NAME-s1, NAME-s2 … -> {NAME: [runs]}, NAME itself first."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        m = REPEAT.match(r.name)
+        groups.setdefault(m["base"] if m else r.name, []).append(r)
+    return {base: sorted(rs, key=lambda r: (r.name != base, r.name)) for base, rs in groups.items()}
+
+
