@@ -194,6 +194,9 @@ class Trainer:
             fix = (f"set model.in_channels={m.shape[0]} model.image_size={m.shape[1]}, or pick other shards" if m.shape[1] == m.shape[2]
                    else "pick shards of square images")
             raise UserError(f"shards {mask_url(c.data.shards)} hold images {tuple(m.shape)} but the model expects {want}; {fix}")
+        if c.data.repeat_clean and (not c.corruption or c.data.repeat_clean >= c.data.repeat):
+            raise UserError(f"data.repeat_clean={c.data.repeat_clean} keeps copies clean of a corruption, so it needs a corruption "
+                            f"and fewer clean copies than data.repeat={c.data.repeat}; set data.repeat_clean=0 or data.repeat higher")
         per = self.world * c.train.grad_accum
         if c.data.batch_size % per:
             raise UserError(f"data.batch_size={c.data.batch_size} does not divide over {self.world} ranks x "

@@ -216,3 +216,11 @@ def test_expanded_dataset_trains_on_every_copy_and_evaluates_class_regions(tmp_p
         assert sorted(ids.tolist()) == list(range(3 * 256))  # each of the 3 copies of the 256 images exactly once
     for key in ("test_rotated/latent_in_class", "test/latent_in_class", "test/latent_spread", "test_rotated/decoded_class_acc/a"):
         assert 0 <= summary[key] <= (1 if "in_class" in key or "acc" in key else 100), key
+
+
+def test_repeat_clean_without_a_corruption_or_enough_copies_is_one_line(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
+    from conftest import one_line_error
+
+    cfg = write_config(tmp_path, tiny_shards, "rc")
+    one_line_error(train(cfg, "data.repeat=6", "data.repeat_clean=1"), "data.repeat_clean=1", "needs a corruption")
+    one_line_error(train(cfg, "data.repeat_clean=1", "corruption=[{rotate: {}}]"), "fewer clean copies than data.repeat=1")
