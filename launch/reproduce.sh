@@ -50,9 +50,11 @@ if [[ -n "${WITH_STL10:-}" ]]; then
   # crops of every photograph installed (apt-get install mate-backgrounds adds 12 nature photos to sklearn's 2)
   [[ -d data/photo500 ]] || python -m aedist.data.standins data/photo500 500 200 400   # disjoint train/val/test strips
   python launch/pack.py folder --source data/photo500 --size 96 --out shards/photo500
-  for c in stl10_compress stl10_dropout stl10_norm stl10_norm_dropout; do run $c $c data.shards=shards/photo500; done
+  # validation (best epoch) every epoch; the test pass and the figures only after the last one
+  P1="data.shards=shards/photo500 train.test_every=121 log.figures_every=121"
+  for c in stl10_compress stl10_dropout stl10_norm stl10_norm_dropout; do run $c $c $P1; done
   for s in 1 2; do
-    for c in stl10_compress stl10_dropout; do run $c "$c-s$s" data.shards=shards/photo500 train.seed=$s; done
+    for c in stl10_compress stl10_dropout; do run $c "$c-s$s" $P1 train.seed=$s; done
   done
 fi
 
