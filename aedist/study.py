@@ -280,7 +280,7 @@ def check_claim(claim: Claim, exp: Experiment, groups: dict[str, list[Run]], stu
             standins.append(exp.standins.get(members[0].shards, f"{members[0].shards}, not {exp.data}"))
     on = "; ".join(dict.fromkeys(standins))
     if reasons or lhs is None or rhs is None:
-        return Verdict(UNTESTED, evidence, "; ".join(reasons) or "a side has no value", on)
+        return Verdict(UNTESTED, evidence, "; ".join(dict.fromkeys(reasons)) or "a side has no value", on)
     if not claim.verdict:
         return Verdict(SHOWN, evidence, claim.why, on)
     rule = Rule(study.spread_factor, study.clear_margin, claim.margin, claim.margin_abs, claim.log_scale, claim.rhs.value is not None)
