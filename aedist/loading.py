@@ -42,11 +42,7 @@ def check_names(cfg: Config) -> None:
 
 
 def _union(*lists: Iterable[str]) -> list[str]:
-    out: list[str] = []
-    for item in (i for lst in lists for i in lst):
-        if item not in out:
-            out.append(item)
-    return out
+    return list(dict.fromkeys(i for lst in lists for i in lst))  # in order, each once
 
 
 def recorded_imports(run_dir: str | Path, what: str = "run config") -> list[str]:

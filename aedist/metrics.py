@@ -139,14 +139,19 @@ def knn_accuracy(
     Features are standardized with the train statistics first, so that one latent axis with a
     large scale does not decide every distance.
     """
+    return float((knn_predict(train_z, train_y, test_z, k) == _as_numpy(test_y).ravel()).mean())
+
+
+def knn_predict(train_z: Tensor | np.ndarray, train_y: Tensor | np.ndarray, test_z: Tensor | np.ndarray, k: int = 5) -> np.ndarray:
+    """The class :func:`knn_accuracy`'s classifier predicts for each test latent ``[M]`` (one fit, so
+    accuracies over subsets of the test latents, e.g. per class, need no refit)."""
     xtr = _as_numpy(train_z).reshape(len(train_z), -1)
     xte = _as_numpy(test_z).reshape(len(test_z), -1)
-    ytr, yte = _as_numpy(train_y).ravel(), _as_numpy(test_y).ravel()
     if len(xtr) == 0 or len(xte) == 0:
         raise ValueError("knn_accuracy needs at least one train and one test sample")
     scaler = StandardScaler().fit(xtr)
-    clf = KNeighborsClassifier(n_neighbors=min(k, len(xtr))).fit(scaler.transform(xtr), ytr)
-    return float((clf.predict(scaler.transform(xte)) == yte).mean())
+    clf = KNeighborsClassifier(n_neighbors=min(k, len(xtr))).fit(scaler.transform(xtr), _as_numpy(train_y).ravel())
+    return clf.predict(scaler.transform(xte))
 
 
 def class_regions(
