@@ -197,6 +197,11 @@ class Trainer:
         if c.data.repeat_clean and (not c.corruption or c.data.repeat_clean >= c.data.repeat):
             raise UserError(f"data.repeat_clean={c.data.repeat_clean} keeps copies clean of a corruption, so it needs a corruption "
                             f"and fewer clean copies than data.repeat={c.data.repeat}; set data.repeat_clean=0 or data.repeat higher")
+        if c.data.repeat_clean and any("copies" in op for op in c.corruption):
+            # the two ways of adding rotated copies (seed 000's expansion vs in-batch) do not combine: the keep
+            # mask is per image, copies grow the batch. prepare_batch refuses it too, for extension ops that grow it
+            raise UserError(f"data.repeat_clean={c.data.repeat_clean} does not combine with the in-batch `copies` corruption; "
+                            "use data.repeat with `rotate`, or `copies` with data.repeat_clean=0")
         per = self.world * c.train.grad_accum
         if c.data.batch_size % per:
             raise UserError(f"data.batch_size={c.data.batch_size} does not divide over {self.world} ranks x "

@@ -231,7 +231,8 @@ def data_of(exp: Experiment, run: Run) -> tuple[bool, str]:
     """(on the source's own data?, what the run trained on)."""
     if run.shards in exp.shards:
         return True, f"{run.shards} ({exp.data})"
-    return False, f"{run.shards} (stand-in: {exp.standins.get(run.shards, 'other data')} instead of {exp.data})"
+    # a stand-in's name already says what it replaces ("Colored Fashion-MNIST, not Colored MNIST")
+    return False, f"{run.shards} (stand-in: {exp.standins.get(run.shards, f'other data, not {exp.data}')})"
 
 
 @dataclass(frozen=True)

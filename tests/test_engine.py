@@ -224,3 +224,4 @@ def test_repeat_clean_without_a_corruption_or_enough_copies_is_one_line(tmp_path
     cfg = write_config(tmp_path, tiny_shards, "rc")
     one_line_error(train(cfg, "data.repeat=6", "data.repeat_clean=1"), "data.repeat_clean=1", "needs a corruption")
     one_line_error(train(cfg, "data.repeat_clean=1", "corruption=[{rotate: {}}]"), "fewer clean copies than data.repeat=1")
+    one_line_error(train(cfg, "data.repeat=2", "data.repeat_clean=1", "corruption=[{copies: {n: 1}}]"), "does not combine", "in-batch `copies`")
