@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from aedist.errors import UserError
-from aedist.runs import CURVE_KEYS, Run, epoch_series, group_runs, is_number, load_run
+from aedist.runs import COLLAPSED, CURVE_KEYS, Run, epoch_series, group_runs, is_number, load_run
 from aedist.study import Experiment, Stat, Study, check_claim, data_of, group_stat, load_study
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,11 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
              "clean image. \"last\" is the newest checkpoint (eval.json), \"best\" the lowest validation loss "
              "(eval_best.json); train time excludes evaluation.", ""]
     lines += _table(COLUMNS, (_row(b, groups[b], exp_of.get(b)) for b in order))
+    collapsed = {r.name: why for b in order for r in groups[b] if (why := r.collapsed())}
+    if collapsed:
+        lines += [f"Collapsed (outputs vary under {COLLAPSED:.0%} as much as the targets from image to image, `test/variety`: "
+                  f"the model gives about one image for every input): {', '.join(f'{_md(n)} ({w})' for n, w in collapsed.items())}. "
+                  "Their numbers stay in the means and verdicts above and below, and each verdict that uses one says so.", ""]
     if unfinished:
         lines += [f"Unfinished (no summary.json; they resume where they stopped), left out: {', '.join(f'{_md(n)} ({p})' for n, p in unfinished.items())}.", ""]
     refs = [(exp, r) for exp in study.experiments.values() for r in exp.references]

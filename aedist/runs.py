@@ -27,6 +27,7 @@ def is_number(v: Any) -> bool:
 
 
 REPEAT = re.compile(r"^(?P<base>.+)-s\d+$")  # NAME-s1, NAME-s2: NAME trained again with train.seed=1, 2
+COLLAPSED = 0.05  # test/variety below this: the outputs vary under 5 % as much as the targets do
 EPOCH_LOSS = "train/epoch_loss"
 CURVE_KEYS = (EPOCH_LOSS, "val/loss", "test/loss")
 
@@ -116,6 +117,15 @@ class Run:
             return pts[0 if kind == "first" else -1] if pts else None
         v = (self.evals["best"] if kind == "best" else {**self.summary, **self.evals["last"]}).get(key)
         return float(v) if is_number(v) else None
+
+
+    def collapsed(self) -> str:
+        """"" unless a scored checkpoint's outputs barely vary from image to image (``test/variety`` under
+        COLLAPSED, launch/evaluate.py --metrics variety): then which ones, e.g. "last 0.000, best 0.000".
+        Such a model gives about one image (the mean) for every input, a failed training that MSE alone
+        shows only as a high error."""
+        vals = [(kind, self.value(f"{pre}test/variety")) for kind, pre in (("last", ""), ("best", "best:"))]
+        return ", ".join(f"{kind} {v:.3f}" for kind, v in vals if v is not None and v < COLLAPSED)
 
 
 def eval_file(checkpoint: str | None, split: str = "test") -> str:

@@ -280,6 +280,12 @@ def check_claim(claim: Claim, exp: Experiment, groups: dict[str, list[Run]], stu
         if not own:
             standins.append(exp.standins.get(members[0].shards, f"{members[0].shards}, not {exp.data}"))
     on = "; ".join(dict.fromkeys(standins))
+    # a run stuck at one output is a failed training, not evidence about the claim: kept (a verdict over
+    # the seeds as planned), but said beside the rule so a reader can weigh it
+    failed = [f"{m.name} ({why})" for run in dict.fromkeys(s.run for s in (claim.lhs, claim.rhs) if s.run in groups)
+              for m in groups[str(run)] if (why := m.collapsed())]
+    if failed:
+        evidence += f"; includes a collapsed run: {', '.join(failed)}"
     if reasons or lhs is None or rhs is None:
         return Verdict(UNTESTED, evidence, "; ".join(dict.fromkeys(reasons)) or "a side has no value", on)
     if not claim.verdict:

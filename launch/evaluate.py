@@ -1,6 +1,6 @@
 """Evaluate a run's newest complete checkpoint: metrics to eval.json, figures to figures/ and W&B.
 
-    python launch/evaluate.py runs/fashion_rotated [--split test|val|train] [--checkpoint best] [--weights auto|ema|raw] [--import X]
+    python launch/evaluate.py runs/fashion_rotated [--split test|val|train] [--checkpoint best] [--weights auto|ema|raw] [--metrics M ...] [--import X]
 
 The extensions the run imported (``imports`` in its config.yaml) are imported again; --import adds more.
 """
@@ -22,6 +22,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
     parser.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
                         help="auto = the EMA weights where the run kept them (train.ema_decay > 0), else raw")
+    parser.add_argument("--metrics", nargs="+", default=[], metavar="NAME",
+                        help="measure these besides the run's eval.metrics (e.g. variety ssim on a run trained without them)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="also import this module or .py file (the run's recorded imports are always imported); repeatable")
     args = parser.parse_args(argv)
@@ -29,7 +31,7 @@ def main(argv: Sequence[str]) -> int:
     from aedist.evaluation.run import evaluate_run
 
     out = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, wandb=not args.no_wandb, weights=args.weights,
-                       imports=args.imports)
+                       imports=args.imports, extra_metrics=args.metrics)
     print(f"wrote {out}")
     return 0
 

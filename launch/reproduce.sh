@@ -58,12 +58,14 @@ if [[ -n "${WITH_STL10:-}" ]]; then
   done
 fi
 
+# every score also measures `variety` (outputs' spread over images against the targets'): the report names a
+# run that collapsed to one output, which its MSE alone would pass off as a merely worse model
 for r in "${runs[@]}"; do
   done_run "$r" || continue
-  [[ "runs/$r/eval.json" -nt "runs/$r/summary.json" ]] || python launch/evaluate.py "runs/$r"
+  [[ "runs/$r/eval.json" -nt "runs/$r/summary.json" ]] || python launch/evaluate.py "runs/$r" --metrics variety
   # runs with a val split also get their best-validation checkpoint scored (the report shows both)
   if [[ -d "runs/$r/checkpoints/best" && ! "runs/$r/eval_best.json" -nt "runs/$r/summary.json" ]]; then
-    python launch/evaluate.py "runs/$r" --checkpoint best
+    python launch/evaluate.py "runs/$r" --checkpoint best --metrics variety
   fi
   # and the train split in eval mode (train_eval/, eval_train.json): the generalization gaps of seeds 001 and 003
   if [[ -d "runs/$r/checkpoints/best" && ! "runs/$r/eval_train.json" -nt "runs/$r/summary.json" ]]; then

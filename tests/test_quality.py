@@ -29,7 +29,7 @@ from aedist.evaluation.image_metrics import lpips_distance, ms_ssim, ms_ssim_sca
 from aedist.evaluation.quality import KL_CHANNEL_CAP, QualityTally
 from aedist.models import AEOutput
 
-ALL = ["mse", "psnr_db", "snr_db", "ssim", "ms_ssim", "rfid", "kl_channel", "active_units"]
+ALL = ["mse", "psnr_db", "snr_db", "ssim", "ms_ssim", "rfid", "kl_channel", "active_units", "variety"]
 
 
 def _tiny_inception(variant: str) -> nn.Module:
@@ -294,3 +294,17 @@ def test_evaluate_split_reports_the_selected_metrics(tiny_shards: Path, tmp_path
            for t, p in zip(x.numpy(), recon)]
     assert values["test/ssim"] == pytest.approx(np.mean(ref), abs=1e-4)
     assert 0 <= values["test/active_units"] <= 4
+
+
+def test_variety_is_the_output_to_target_spread_over_images_and_zero_for_a_collapsed_model() -> None:
+    target, pred = _images(40, 3, 16, seed=3, structured=True)
+    tally = QualityTally(["variety"])
+    for a, b in ((0, 15), (15, 40)):  # two batches: the sums, not a per-batch mean
+        tally.add("t", pred[a:b], target[a:b])
+        tally.add("mean", target.mean(dim=0, keepdim=True).expand(b - a, -1, -1, -1), target[a:b])  # the mean image for all
+        tally.add("self", target[a:b], target[a:b])
+    got = tally.reduce(["t", "mean", "self"], lambda v: v, lambda o: [o])
+    want = (pred.double().var(dim=0).sum() / target.double().var(dim=0).sum()).sqrt()  # torch's unbiased var over images
+    assert got["t"]["variety"] == pytest.approx(float(want), rel=1e-9)
+    assert 0.5 < got["t"]["variety"] < 1.5
+    assert got["mean"]["variety"] == pytest.approx(0.0, abs=1e-6) and got["self"]["variety"] == pytest.approx(1.0, rel=1e-12)

@@ -316,3 +316,17 @@ def test_report_study_and_runs_import_no_cycle() -> None:
     assert proc.returncode == 0, proc.stderr
     for module, banned in (("aedist/study.py", "aedist.report"), ("aedist/runs.py", "aedist.study"), ("aedist/runs.py", "aedist.report")):
         assert f"from {banned} import" not in (ROOT / module).read_text(), (module, banned)
+
+
+def test_a_collapsed_run_is_named_under_the_table_and_in_each_verdict_that_uses_it(make_run: MakeRun, tmp_path: Path) -> None:
+    # b-s1's best checkpoint gives one image for all inputs (variety 0.01); b and a vary like the data
+    runs = [make_run("a", metrics={"test/mse": 0.010, "test/variety": 0.8}),
+            make_run("b", metrics={"test/mse": 0.030, "test/variety": 0.7}),
+            make_run("b-s1", metrics={"test/mse": 0.031, "test/variety": 0.6}, best={"test/mse": 0.031, "test/variety": 0.01})]
+    assert [load_run(r).collapsed() for r in runs] == ["", "", "best 0.010"]
+    status, evidence, _ = _verdict(_study(tmp_path, [A_LT_B]), runs)
+    assert status == HOLDS and evidence.endswith("; includes a collapsed run: b-s1 (best 0.010)")  # kept in the verdict, and said
+    alone = _study(tmp_path, [{**A_LT_B, "rhs": {"value": 0.02}, "why": "w"}])
+    assert "collapsed" not in _verdict(alone, runs)[1]  # a claim on a only
+    text = write_report(runs, tmp_path / "out" / "R.md", _study(tmp_path, [A_LT_B])).read_text()
+    assert re.search(r"Collapsed \(outputs vary under 5% .*\): b-s1 \(best 0\.010\)\.", text)

@@ -146,6 +146,13 @@ def test_evaluate_writes_finite_metrics_and_report_tables_them(offline_run: Path
     assert json.loads((offline_run / "eval.json").read_text()) == values
     from aedist.runs import load_run
     assert load_run(offline_run).value("train_eval/mse") == train["train_eval/mse"]
+    # --metrics scores the run with more than it logged; the run's own numbers do not move
+    proc = run_py(["launch/evaluate.py", str(offline_run), "--split", "val", "--no-wandb", "--metrics", "variety"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    val = json.loads((offline_run / "eval_val.json").read_text())
+    assert 0 <= val["val/variety"] < 5 and val["val_rotated/variety"] >= 0 and math.isfinite(val["val/mse"])
+    proc = run_py(["launch/evaluate.py", str(offline_run), "--no-wandb", "--metrics", "varietee"])
+    assert proc.returncode == 2 and "--metrics" in proc.stderr and "variety" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_evaluate_on_a_folder_that_is_no_run_is_a_one_line_error(tmp_path: Path, run_py: RunFn) -> None:

@@ -187,12 +187,31 @@ class ActiveUnits:
         return {"active_units": float((reduce(var, "c ... -> c", "mean") > ACTIVE_THRESHOLD).sum())}
 
 
+class Variety:
+    """How much the outputs differ from image to image, against the targets: sqrt(sum over pixels of
+    Var_images(pred) / sum over pixels of Var_images(target)), unbiased variances from Σx and Σx² per
+    pixel. 0: one output for every input (a model stuck at the mean image, e.g. after its ReLUs died);
+    about 1: as varied as the data. MSE alone cannot tell a collapsed model from a weak one."""
+
+    def update(self, pred: Tensor, target: Tensor, out: Any) -> Sums:
+        p, t = pred.detach().double(), target.detach().to(pred.device).double()
+        return {"p": p.sum(dim=0), "p2": p.square().sum(dim=0), "t": t.sum(dim=0), "t2": t.square().sum(dim=0), "n": _count(p)}
+
+    def finalize(self, sums: Sums) -> dict[str, float]:
+        n = float(sums["n"]) if sums else 0.0
+        if n < 2:
+            return {"variety": float("nan")}
+        var_p, var_t = ((sums[f"{k}2"] - sums[k].square() / n).sum() / (n - 1) for k in ("p", "t"))
+        return {"variety": float((var_p.clamp(min=0) / var_t).sqrt()) if float(var_t) > 0 else float("nan")}
+
+
 QUALITY.register("ssim")(lambda opts: PerImage("ssim", ssim))
 QUALITY.register("ms_ssim")(lambda opts: MultiScale())
 QUALITY.register("lpips")(lambda opts: PerImage("lpips", lambda a, b: lpips_distance(a, b, opts.lpips_net)))
 QUALITY.register("rfid")(lambda opts: FrechetInception())
 QUALITY.register("kl_channel")(lambda opts: KLPerChannel())
 QUALITY.register("active_units")(lambda opts: ActiveUnits())
+QUALITY.register("variety")(lambda opts: Variety())
 
 Key = tuple[str, str, str]  # (set, metric, sum name)
 Layout = list[tuple[Key, tuple[int, ...]]]

@@ -22,6 +22,7 @@ from aedist.data.remote import set_cache_defaults
 from aedist.errors import UserError
 from aedist.evaluation import draw_figures, evaluate_split, knn_metric, load_probe
 from aedist.evaluation.backbones import check_backbones
+from aedist.evaluation.quality import check_metric_names
 from aedist.loading import load_run_config
 from aedist.models import build_model
 from aedist.optim import find_ema_state
@@ -75,19 +76,23 @@ def load_checkpoint_weights(cfg: Config, run: Path, checkpoint: str | None, weig
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | None = None, wandb: bool = True,
-                 weights: str = "auto", imports: Sequence[str] = ()) -> Path:
+                 weights: str = "auto", imports: Sequence[str] = (), extra_metrics: Sequence[str] = ()) -> Path:
     """Metrics and figures of a run's checkpoint; returns the path of the eval.json it wrote.
 
     ``weights``: ``auto`` = the EMA weights where the checkpoint has them (what a trained KL autoencoder
     ships), else the raw ones; ``ema`` insists on them; ``raw`` = the optimizer's weights. The
     checkpoint is only read: a discriminator or optimizer state in it stays as it is. The extensions the
-    run's config.yaml records are imported again, and ``imports`` (``--import``) besides."""
+    run's config.yaml records are imported again, and ``imports`` (``--import``) besides. ``extra_metrics``
+    (``--metrics``) are measured besides the run's ``eval.metrics``, e.g. on a run trained without them."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a run folder (no config.yaml); pass runs/NAME as made by launch/train.py")
     cfg = load_run_config(run, imports)
     set_cache_defaults(cfg.data.cache_dir, cfg.data.cache_max_gb)
     cfg.run.dir, cfg.run.name = str(run.parent), run.name
+    if extra_metrics:
+        check_metric_names(extra_metrics, key="--metrics")
+        cfg.eval.metrics = [*dict.fromkeys([*cfg.eval.metrics, *extra_metrics])]
     # A read-only run folder, a damaged checkpoint or a bad --checkpoint: told before minutes of evaluation.
     check_writable(run, f"evaluate a writable copy (cp -r {run} /tmp/{run.name}) or remount it read-write (eval.json and figures go there)")
     state, model, ema, folder = load_checkpoint_weights(cfg, run, checkpoint, weights, "cpu", print)  # moved to acc.device below
