@@ -251,7 +251,25 @@ class Verdict:
 def check_claim(claim: Claim, exp: Experiment, groups: dict[str, list[Run]], study: Study,
                 under_way: dict[str, str] | None = None) -> Verdict:
     """The verdict on one claim of ``exp`` over the run groups present; ``under_way`` maps a run with no
-    finished member to how far it got, said instead of "missing"."""
+    finished member to how far it got, said instead of "missing".
+
+    A run stuck at one output (:meth:`Run.collapsed`) is a failed training rather than evidence about
+    the claim, but dropping it after the fact would be a choice made on the results: the verdict keeps
+    every training seed, names the collapsed run, and adds what the claim gives without it."""
+    verdict = _check(claim, exp, groups, study, under_way)
+    used = [str(r) for r in dict.fromkeys(s.run for s in (claim.lhs, claim.rhs) if s.run in groups)]
+    failed = {m.name: why for run in used for m in groups[run] if (why := m.collapsed())}
+    if not failed:
+        return verdict
+    kept = {b: [m for m in ms if m.name not in failed] for b, ms in groups.items()}
+    alt = _check(claim, exp, {b: ms for b, ms in kept.items() if ms}, study, under_way, dropped={b for b in used if not kept[b]})
+    evidence = f"{verdict.evidence}; includes a collapsed run: {', '.join(f'{n} ({w})' for n, w in failed.items())}"
+    rule = f"{verdict.rule}; without it: {alt.mark.strip('*')} ({alt.evidence}; {alt.rule})"
+    return Verdict(verdict.status, evidence, rule, verdict.on)
+
+
+def _check(claim: Claim, exp: Experiment, groups: dict[str, list[Run]], study: Study, under_way: dict[str, str] | None,
+           dropped: frozenset[str] | set[str] = frozenset()) -> Verdict:
     stats: list[Stat | None] = []
     reasons: list[str] = []
     for side in (claim.lhs, claim.rhs):
@@ -262,7 +280,8 @@ def check_claim(claim: Claim, exp: Experiment, groups: dict[str, list[Run]], stu
         st = group_stat(members, side) if members else None
         if not members:
             progress = (under_way or {}).get(str(side.run))
-            reasons.append(f"run {side.run} unfinished ({progress})" if progress else f"run {side.run} missing")
+            reasons.append(f"every finished {side.run} run collapsed" if side.run in dropped else
+                           f"run {side.run} unfinished ({progress})" if progress else f"run {side.run} missing")
         elif st is None:
             reasons.append(f"{' / '.join(side.metrics + ([side.minus] if side.minus else []))} missing from {side.run}")
         stats.append(st)
@@ -280,12 +299,6 @@ def check_claim(claim: Claim, exp: Experiment, groups: dict[str, list[Run]], stu
         if not own:
             standins.append(exp.standins.get(members[0].shards, f"{members[0].shards}, not {exp.data}"))
     on = "; ".join(dict.fromkeys(standins))
-    # a run stuck at one output is a failed training, not evidence about the claim: kept (a verdict over
-    # the seeds as planned), but said beside the rule so a reader can weigh it
-    failed = [f"{m.name} ({why})" for run in dict.fromkeys(s.run for s in (claim.lhs, claim.rhs) if s.run in groups)
-              for m in groups[str(run)] if (why := m.collapsed())]
-    if failed:
-        evidence += f"; includes a collapsed run: {', '.join(failed)}"
     if reasons or lhs is None or rhs is None:
         return Verdict(UNTESTED, evidence, "; ".join(dict.fromkeys(reasons)) or "a side has no value", on)
     if not claim.verdict:

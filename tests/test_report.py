@@ -324,8 +324,14 @@ def test_a_collapsed_run_is_named_under_the_table_and_in_each_verdict_that_uses_
             make_run("b", metrics={"test/mse": 0.030, "test/variety": 0.7}),
             make_run("b-s1", metrics={"test/mse": 0.031, "test/variety": 0.6}, best={"test/mse": 0.031, "test/variety": 0.01})]
     assert [load_run(r).collapsed() for r in runs] == ["", "", "best 0.010"]
-    status, evidence, _ = _verdict(_study(tmp_path, [A_LT_B]), runs)
+    status, evidence, rule = _verdict(_study(tmp_path, [A_LT_B]), runs)
     assert status == HOLDS and evidence.endswith("; includes a collapsed run: b-s1 (best 0.010)")  # kept in the verdict, and said
+    # and what the claim gives without it: b alone, no repeats left (0.01 vs 0.03, gap 0.02 > 50 % of 0.03)
+    assert rule.endswith("; without it: holds (test/mse of a = 0.01 vs test/mse of b = 0.03; no repeats; gap 0.02 > 50% of the larger side = 0.015)")
+    only_collapsed = [runs[0], make_run("c", metrics={"test/mse": 0.03, "test/variety": 0.0})]
+    claim_c = {**A_LT_B, "rhs": {"run": "c", "metric": "test/mse"}}
+    assert _verdict(_study(tmp_path, [claim_c]), only_collapsed)[2].endswith("without it: not tested here (test/mse of a = 0.01 vs "
+                                                                            "test/mse of c = –; every finished c run collapsed)")
     alone = _study(tmp_path, [{**A_LT_B, "rhs": {"value": 0.02}, "why": "w"}])
     assert "collapsed" not in _verdict(alone, runs)[1]  # a claim on a only
     text = write_report(runs, tmp_path / "out" / "R.md", _study(tmp_path, [A_LT_B])).read_text()
