@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -264,12 +264,12 @@ def check_claim(claim: Claim, exp: Experiment, groups: dict[str, list[Run]], stu
     kept = {b: [m for m in ms if m.name not in failed] for b, ms in groups.items()}
     alt = _check(claim, exp, {b: ms for b, ms in kept.items() if ms}, study, under_way, dropped={b for b in used if not kept[b]})
     evidence = f"{verdict.evidence}; includes a collapsed run: {', '.join(f'{n} ({w})' for n, w in failed.items())}"
-    rule = f"{verdict.rule}; without it: {alt.mark.strip('*')} ({alt.evidence}; {alt.rule})"
+    rule = f"{verdict.rule}; without {'it' if len(failed) == 1 else 'them'}: {alt.mark.strip('*')} ({alt.evidence}; {alt.rule})"
     return Verdict(verdict.status, evidence, rule, verdict.on)
 
 
 def _check(claim: Claim, exp: Experiment, groups: dict[str, list[Run]], study: Study, under_way: dict[str, str] | None,
-           dropped: frozenset[str] | set[str] = frozenset()) -> Verdict:
+           dropped: Collection[str] = ()) -> Verdict:
     stats: list[Stat | None] = []
     reasons: list[str] = []
     for side in (claim.lhs, claim.rhs):
