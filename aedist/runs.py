@@ -118,7 +118,6 @@ class Run:
         v = (self.evals["best"] if kind == "best" else {**self.summary, **self.evals["last"]}).get(key)
         return float(v) if is_number(v) else None
 
-
     def collapsed(self) -> str:
         """"" unless a scored checkpoint's outputs barely vary from image to image (``test/variety`` under
         COLLAPSED, launch/evaluate.py --metrics variety): then which ones, e.g. "last 0.000, best 0.000".
