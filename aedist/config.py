@@ -192,7 +192,7 @@ class EvalConfig:
     corruptions: dict[str, list[Any]] = _f({}, "Named test-time corruption lists, e.g. {rotated: [{rotate: {max_degrees: 180}}]}.")
     knn_k: Int = _f(5, "Neighbours for the latent kNN class accuracy.", ge=1)
     knn_train: Int = _f(5000, "Train samples whose latents fit the kNN classifier.", ge=10)
-    metrics: list[Str] = _f(["mse", "psnr_db", "snr_db"], "Metrics of every evaluated set: mse psnr_db snr_db ssim ms_ssim lpips rfid kl_channel variety "
+    metrics: list[Str] = _f(["mse", "psnr_db", "snr_db", "variety"], "Metrics of every evaluated set: mse psnr_db snr_db ssim ms_ssim lpips rfid kl_channel variety "
                             "active_units (README: Image quality metrics).")
     lpips_net: Literal["alex", "vgg"] = _f("alex", "LPIPS trunk; its torchvision weights must be in TORCH_HOME (launch/fetch_weights.py).")
 

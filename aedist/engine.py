@@ -51,6 +51,7 @@ from aedist.models import build_model
 from aedist.objectives import build_objective
 from aedist.optim import EMA, Schedule, build_optimizer, skips_on_device, step_unless
 from aedist.resume import RunLock, apply_changes, check_changes, config_changes, previous_config, record_resume
+from aedist.runs import COLLAPSED
 from aedist.signals import INTERRUPT_EXIT_CODE, PREEMPT_EXIT_CODE, STOP
 from aedist.sysinfo import vm_hwm_mb
 from aedist.throughput import count_model_flops, peak_flops, peak_memory_gb
@@ -171,6 +172,7 @@ class Trainer:
         self.epoch_loss = torch.zeros((), device=acc.device)
         self.final_metrics: dict[str, float] = {}
         self.evaluated_at = -1
+        self.collapsed = False  # the last evaluation's outputs barely varied between images (_watch_collapse)
         if acc.is_main_process:
             save_config(cfg, cfg.run_dir / "config.yaml")
             precision.note_resolved(cfg.run_dir / "config.yaml", device, self.world, self.mixed_precision, self.channels_last, self.compiled)
@@ -532,6 +534,7 @@ class Trainer:
         self.schedule.after_eval(val_loss)
         values["epoch"] = s.epoch
         self.tracker.log(values, step=s.step, epoch=s.epoch)
+        self._watch_collapse(values)
         if acc.is_main_process and probe is not None and (s.epoch % cfg.log.figures_every == 0 or last or s.epoch == 1):
             # latent plots use the test latents, or val's on epochs whose test pass train.test_every skipped
             figs = draw_figures(model, cfg, probe, test_latents if test_latents is not None else val_latents, self.manifest.classes,
@@ -546,6 +549,21 @@ class Trainer:
             acc.print(f"early stop: no better val loss for {patience} epochs (best epoch {s.best_epoch})")
             return True
         return False
+
+    def _watch_collapse(self, values: dict[str, float]) -> None:
+        """Say when the outputs stop varying between images, and when they vary again. A model stuck at the
+        mean image (dead ReLUs) reads as merely weak in its MSE; seed 001's first run sat there for 113 epochs."""
+        key = next((k for k in ("val/variety", "test/variety") if k in values), None)
+        if key is None:  # eval.metrics without variety
+            return
+        variety, epoch = values[key], self.state.epoch
+        collapsed = variety < COLLAPSED  # NaN (fewer than 2 images, constant targets) is not a collapse
+        if collapsed and not self.collapsed:
+            self.accelerator.print(f"warning: {key} {variety:.3f} at epoch {epoch}: the outputs barely vary between images, "
+                                   f"the model gives about one image for every input (collapsed; README: Collapsed runs)")
+        elif self.collapsed and not collapsed:
+            self.accelerator.print(f"note: {key} back to {variety:.3f} at epoch {epoch}: the outputs vary between images again")
+        self.collapsed = collapsed
 
     def _throughput(self) -> dict[str, float]:
         """This start's model FLOPs, TFLOP/s, MFU (GPUs in the peak table), data-wait share and peak memory."""

@@ -227,3 +227,32 @@ def test_repeat_clean_without_a_corruption_or_enough_copies_is_one_line(tmp_path
     one_line_error(train(cfg, "data.repeat=6", "data.repeat_clean=1"), "data.repeat_clean=1", "needs a corruption")
     one_line_error(train(cfg, "data.repeat_clean=1", "corruption=[{rotate: {}}]"), "fewer clean copies than data.repeat=1")
     one_line_error(train(cfg, "data.repeat=2", "data.repeat_clean=1", "corruption=[{copies: {n: 1}}]"), "does not combine", "in-batch `copies`")
+
+
+def test_a_run_stuck_at_one_output_is_warned_about_in_its_log(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
+    """SGD with lr x weight_decay = 1 replaces every weight by -lr x its gradient at each step: the
+    weights stay near 0, so the model gives about one image for every input (variety ~ 0)."""
+    cfg = write_config(tmp_path, tiny_shards, "dead", optim={"name": "sgd", "lr": 1e-3, "weight_decay": 1e3})
+    proc = train(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "runs/dead/metrics.jsonl").read_text().splitlines()]
+    varieties = [r["val/variety"] for r in rows if "val/variety" in r]
+    assert len(varieties) == 2 and max(varieties) < 0.05, varieties
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: val/variety")]
+    assert len(warnings) == 1 and "at epoch 1" in warnings[0] and "collapsed" in warnings[0], proc.stdout[-2000:]  # once, not per epoch
+
+
+def test_collapse_watch_warns_on_entry_and_notes_recovery_once_each() -> None:
+    from types import SimpleNamespace
+
+    from aedist.engine import Trainer
+
+    said: list[str] = []
+    trainer = SimpleNamespace(collapsed=False, state=SimpleNamespace(epoch=0), accelerator=SimpleNamespace(print=said.append))
+    for epoch, values in enumerate([{"val/variety": 0.8}, {"val/variety": 0.01}, {"val/variety": 0.02}, {"val/mse": 0.1},
+                                    {"val/variety": 0.9, "test/variety": 0.0}, {"test/variety": float("nan")}], start=1):
+        trainer.state.epoch = epoch
+        Trainer._watch_collapse(trainer, values)  # type: ignore[arg-type]
+    assert said == ["warning: val/variety 0.010 at epoch 2: the outputs barely vary between images, the model gives about "
+                    "one image for every input (collapsed; README: Collapsed runs)",
+                    "note: val/variety back to 0.900 at epoch 5: the outputs vary between images again"]

@@ -248,7 +248,7 @@ def test_unknown_metric_name_is_a_user_error() -> None:
 
     with pytest.raises(UserError, match=r"config key 'eval.metrics': unknown metric 'ssmi'; did you mean 'ssim'\?.*known: .*lpips.*rfid"):
         load_config(None, ["eval.metrics=[mse, ssmi]"])
-    assert load_config(None, []).eval.metrics == ["mse", "psnr_db", "snr_db"]
+    assert load_config(None, []).eval.metrics == ["mse", "psnr_db", "snr_db", "variety"]
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning:torchvision")  # lpips builds its trunk with the deprecated pretrained=
