@@ -175,8 +175,9 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
         for claim in exp.claims:
             v = check_claim(claim, exp, groups, study, unfinished)
             op = {"~=": "≈"}.get(claim.op, claim.op)
-            extra = "".join(f" {label}: {text.strip().rstrip('.')}." for label, text in (("Why this threshold", claim.why if v.status != "numbers only" else ""),
-                                                                                          ("Note", claim.note)) if text)
+            # a numbers-only claim's why says why it has no verdict; its rule text carries it once the runs exist
+            why = ("Why this threshold", claim.why) if claim.verdict else ("Why no verdict", claim.why if v.status != "numbers only" else "")
+            extra = "".join(f" {label}: {text.strip().rstrip('.')}." for label, text in (why, ("Note", claim.note)) if text)
             lines.append(f"- {v.mark}: {claim.text} [{op}] ({v.evidence}; {v.rule}).{extra}")
         lines.append("")
 
