@@ -552,7 +552,7 @@ class Trainer:
 
     def _watch_collapse(self, values: dict[str, float]) -> None:
         """Say when the outputs stop varying between images, and when they vary again. A model stuck at the
-        mean image (dead ReLUs) reads as merely weak in its MSE; seed 001's first run sat there for 113 epochs."""
+        mean image (dead ReLUs) reads as merely weak in its MSE; seed 001's first run sat there from epoch 6 to the end."""
         key = next((k for k in ("val/variety", "test/variety") if k in values), None)
         if key is None:  # eval.metrics without variety
             return

@@ -19,7 +19,7 @@ import numpy as np
 
 from aedist.errors import UserError
 from aedist.runs import COLLAPSED, CURVE_KEYS, Run, epoch_series, group_runs, is_number, load_run
-from aedist.study import Experiment, Stat, Study, check_claim, data_of, group_stat, load_study
+from aedist.study import SHOWN, Experiment, Stat, Study, check_claim, data_of, group_stat, load_study
 
 log = logging.getLogger(__name__)
 def _progress(run: Run) -> str:
@@ -176,7 +176,7 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
             v = check_claim(claim, exp, groups, study, unfinished)
             op = {"~=": "≈"}.get(claim.op, claim.op)
             # a numbers-only claim's why says why it has no verdict; its rule text carries it once the runs exist
-            why = ("Why this threshold", claim.why) if claim.verdict else ("Why no verdict", claim.why if v.status != "numbers only" else "")
+            why = ("Why this threshold", claim.why) if claim.verdict else ("Why no verdict", claim.why if v.status != SHOWN else "")
             extra = "".join(f" {label}: {text.strip().rstrip('.')}." for label, text in (why, ("Note", claim.note)) if text)
             lines.append(f"- {v.mark}: {claim.text} [{op}] ({v.evidence}; {v.rule}).{extra}")
         lines.append("")

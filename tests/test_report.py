@@ -281,10 +281,10 @@ def test_thresholds_need_a_reason_and_vague_claims_show_numbers_only(make_run: M
     with pytest.raises(UserError, match="needs a why"):
         load_study(_study(tmp_path, [{**A_LT_B, "rhs": {"value": 3}}]))
     runs = [make_run(n, metrics={"test/mse": v}) for n, v in [("a", 0.010), ("b", 0.030)]]
-    status, evidence, why = _verdict(_study(tmp_path, [{**A_LT_B, "verdict": False, "why": "the source gives no number"}]), runs)
+    vague = _study(tmp_path, [{**A_LT_B, "verdict": False, "why": "the source gives no number"}])
+    status, evidence, why = _verdict(vague, runs)
     assert status == SHOWN and why == "the source gives no number" and "0.01" in evidence
     # in the report: the reason once, in the rule text; with a run missing, as the reason for no verdict
-    vague = _study(tmp_path, [{**A_LT_B, "verdict": False, "why": "the source gives no number"}])
     text = write_report(runs, tmp_path / "out" / "R.md", vague).read_text()
     assert text.count("the source gives no number") == 1 and "Why this threshold" not in text
     text = write_report(runs[:1], tmp_path / "out" / "R.md", vague).read_text()
