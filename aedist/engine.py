@@ -53,7 +53,7 @@ from aedist.optim import EMA, Schedule, build_optimizer, skips_on_device, step_u
 from aedist.resume import RunLock, apply_changes, check_changes, config_changes, previous_config, record_resume
 from aedist.runs import COLLAPSED
 from aedist.signals import INTERRUPT_EXIT_CODE, PREEMPT_EXIT_CODE, STOP
-from aedist.sysinfo import vm_hwm_mb
+from aedist.sysinfo import device_name, vm_hwm_mb
 from aedist.throughput import count_model_flops, peak_flops, peak_memory_gb
 from aedist.tracking import Tracker, new_run_id, trackers_for
 
@@ -585,6 +585,7 @@ class Trainer:
             "best_epoch": s.best_epoch, "train_seconds": s.train_seconds,
             "img_per_s": s.images_seen / max(s.train_seconds, 1e-9), "world_size": self.world,
             "mixed_precision": self.mixed_precision, "channels_last": self.channels_last, "compile": self.compiled,
+            "device": device_name(str(self.accelerator.device)),  # what train_seconds and img_per_s were measured on
             "peak_rss_mb": vm_hwm_mb(), **self._throughput(), **self.final_metrics,
             **self.tracker.health(),  # issue 25 item 6: {"tracker_lost": {"wandb": STEP}} when a tracker was lost mid-run
         }

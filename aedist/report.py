@@ -1,11 +1,13 @@
 """The results report over finished runs: a table, a study's claims checked, loss curves, figures, commands.
 
-    python launch/report.py runs/* --claims configs/seeds/claims.yaml --out docs/RESULTS.md
+    python launch/report.py docs/runs/* runs/* --claims configs/seeds/claims.yaml --out docs/RESULTS.md --records docs/runs
 
 This module knows run folders only. Everything about a study (which runs answer which claim, the
 source's schedule, data and own numbers, which figures to show) is data in the study file; its
 format is described at the top of configs/seeds/claims.yaml. Runs named NAME-sK repeat NAME with
-another training seed and are reported together as mean ± std (n).
+another training seed and are reported together as mean ± std (n). With ``records``, each finished
+run's record (its small files and the figures shown, see runs.save_record) is written there, so the
+report can be rebuilt from a clone that never had the run folders.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from aedist.errors import UserError
-from aedist.runs import COLLAPSED, CURVE_KEYS, Run, epoch_series, group_runs, is_number, load_run
+from aedist.runs import COLLAPSED, CURVE_KEYS, Run, epoch_series, group_runs, is_number, latest_runs, load_run, save_record
 from aedist.study import SHOWN, Experiment, Stat, Study, check_claim, data_of, group_stat, load_study
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,8 @@ def _figure_path(run: Run, key: str) -> Path | None:
     return found[max(found)] if found else None
 
 
-def _figures(run: Run, keys: list[str], fig_dir: Path) -> list[str]:
+def _figures(run: Run, keys: list[str], fig_dir: Path, shown: list[Path]) -> list[str]:
+    """The figure lines of ``run``; each source PNG used is appended to ``shown`` (for its record)."""
     lines = [f"**{_md(run.name)}**", ""]
     for key in keys:
         src = _figure_path(run, key)
@@ -95,6 +98,7 @@ def _figures(run: Run, keys: list[str], fig_dir: Path) -> list[str]:
             lines.append(f"- figure `{key}` not found in {run.path}/figures (evaluate the run: python launch/evaluate.py {run.path})")
             continue
         (fig_dir / f"{_file_stem(run.name)}_{stem}.png").write_bytes(src.read_bytes())
+        shown.append(src)
         lines.append(f"![{_md(run.name)} {key}](figures/{_file_stem(run.name)}_{stem}.png)")
     return [*lines, ""]
 
@@ -112,9 +116,11 @@ def read_curves(members: Sequence[Run]) -> tuple[dict[str, list[tuple[int, float
     return out, notes
 
 
-def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | Path | None = None) -> Path:
-    """The Markdown report over ``run_dirs`` (folders without config.yaml are skipped), checked against
-    the study file ``claims`` when given; figures are copied next to ``out`` in figures/."""
+def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | Path | None = None,
+                 records: str | Path | None = None) -> Path:
+    """The Markdown report over ``run_dirs`` (folders without config.yaml are skipped; of two folders
+    with one name, see runs.latest_runs), checked against the study file ``claims`` when given; figures
+    are copied next to ``out`` in figures/, and each finished run's record into ``records`` when given."""
     study = load_study(claims) if claims else Study()
     runs = []
     for d in map(Path, run_dirs):
@@ -124,6 +130,7 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
             log.warning("%s has no config.yaml (not started?); left out", d)
     if not runs:
         raise UserError("no run folders given (each needs config.yaml); pass runs/NAME ...")
+    runs = latest_runs(runs)
     groups = group_runs(r for r in runs if r.summary)
     unfinished = {r.name: _progress(r) for r in runs if not r.summary}
     exp_of = {run: exp for exp in study.experiments.values() for run in
@@ -141,6 +148,10 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
              "clean image. \"last\" is the newest checkpoint (eval.json), \"best\" the lowest validation loss "
              "(eval_best.json); train time excludes evaluation.", ""]
     lines += _table(COLUMNS, (_row(b, groups[b], exp_of.get(b)) for b in order))
+    machines: dict[str, list[str]] = {}  # train time and img/s are of the machine a run trained on
+    for r in (r for b in order for r in groups[b]):
+        machines.setdefault(str(r.summary.get("device") or "not recorded (run predates summary.json's device)"), []).append(_md(r.name))
+    lines += ["Trained on: " + "; ".join(f"{d} ({', '.join(names)})" for d, names in machines.items()) + ".", ""]
     collapsed = {r.name: why for b in order for r in groups[b] if (why := r.collapsed())}
     if collapsed:
         lines += [f"Collapsed (outputs vary under {COLLAPSED:.0%} as much as the targets from image to image, `test/variety`: "
@@ -199,12 +210,15 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
             visuals.save_png(visuals.loss_curves(curves, f"{group}: loss per epoch"), fig_dir / name)
             lines += [f"![{group} loss curves](figures/{name})", "", *(f"- {n}" for n in notes), ""]
     lines += ["## Figures", ""]
+    shown: dict[str, list[Path]] = {}
     for b in order:
         exp = exp_of.get(b)
         keys = exp.runs.get(b) if exp and b in exp.runs else sorted(
             {p.stem.rsplit("_epoch", 1)[0] for p in (groups[b][0].path / "figures").glob("eval_*_epoch*.png")})
-        lines += _figures(groups[b][0], list(keys or []), fig_dir) if keys else []
+        lines += _figures(groups[b][0], list(keys or []), fig_dir, shown.setdefault(groups[b][0].name, [])) if keys else []
     commands = [r.command for b in order for r in groups[b] if r.command]
     lines += ["## Exact commands", "", "```", *commands, "```", ""]
     out.write_text("\n".join(lines))
+    for r in (r for b in order for r in groups[b]) if records else ():
+        save_record(r, Path(records), shown.get(r.name, []))
     return out

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import re
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,46 @@ def load_run(path: str | Path) -> Run:
     cmd = p / "command.txt"  # one line per (re)start: a resumed run lists each command once
     command = "\n".join(dict.fromkeys(cmd.read_text(errors="replace").splitlines())) if cmd.is_file() else ""
     return Run(p.name, p, cfg, summary, evals, read_rows(p / "metrics.jsonl"), command)
+
+
+RECORD_FILES = ("config.yaml", "summary.json", "command.txt", "metrics.jsonl", "eval*.json")
+
+
+def save_record(run: Run, root: Path, figures: Iterable[Path] = ()) -> Path:
+    """Write ``run``'s record to ``root/NAME``: the files the report reads (config, summary, command,
+    per-epoch metrics, eval files) and the given figures, no checkpoints or W&B folder. A record is a
+    run folder the report can be rebuilt from once runs/ (checkpoints, not committed) is gone.
+    The new record is built beside the old one and swapped in, so a crash leaves one of the two whole."""
+    dest = root / run.name
+    if dest.resolve() == run.path.resolve():
+        return dest  # reported from the record itself: nothing newer to copy
+    tmp, old = root / f".{run.name}.new", root / f".{run.name}.old"
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    (tmp / "figures").mkdir(parents=True)
+    for pattern in RECORD_FILES:
+        for f in run.path.glob(pattern):
+            shutil.copy2(f, tmp / f.name)
+    for f in figures:
+        shutil.copy2(f, tmp / "figures" / f.name)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def latest_runs(runs: Iterable[Run]) -> list[Run]:
+    """One run per name: a finished one over an unfinished one, else the one given last. The report
+    takes records (docs/runs/NAME) and live folders (runs/NAME) together; the live one, listed after,
+    replaces its record once it has finished again, and a run resumed for more epochs does not hide
+    its finished record meanwhile."""
+    by_name: dict[str, Run] = {}
+    for r in runs:
+        prev = by_name.get(r.name)
+        if prev is None or bool(r.summary) >= bool(prev.summary):
+            by_name[r.name] = r
+    return list(by_name.values())
 
 
 def group_runs(runs: Iterable[Run]) -> dict[str, list[Run]]:

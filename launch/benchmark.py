@@ -10,8 +10,11 @@ import importlib
 import json
 from collections.abc import Sequence
 
+import torch
+
 from aedist.benchmarks import SUITES
 from aedist.errors import run_cli
+from aedist.sysinfo import device_name
 
 
 def main(argv: Sequence[str]) -> int:
@@ -24,6 +27,8 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     rows, ratios = importlib.import_module(f"aedist.benchmarks.{args.suite}").run(args)
     width = max(len(r["case"]) for r in rows)
+    machine = device_name("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"machine: {machine}")  # every figure below is of this machine: CPUs differ between machines of one kind
     print(f"{'case':<{width}}  {'img/s':>14}  {'peak RSS MB':>12}")
     for r in rows:
         rate = f"{r['img_per_s']:,.1f}" if r["img_per_s"] < 100 else f"{r['img_per_s']:,.0f}"  # STL10's ~10-25 img/s keep a decimal
@@ -32,7 +37,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"ratio {name}: {value:.2f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "ratios": ratios}, fh, indent=2)
+            json.dump({"machine": machine, "rows": rows, "ratios": ratios}, fh, indent=2)
     return 0
 
 

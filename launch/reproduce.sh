@@ -15,7 +15,15 @@ python launch/pack.py fashion-mnist --out shards/fashion --val-fraction 0.1
 python launch/pack.py fashion-mnist --out shards/fashion-full --val-fraction 0                 # seed 004: no val split
 python launch/pack.py colored-mnist --base fashion-mnist --out shards/colored-fashion --val-fraction 0.1
 
-done_run() { [[ -f "runs/$1/summary.json" ]] && grep -q '"completed": true' "runs/$1/summary.json"; }
+# A run is done when its folder, or its committed record (docs/runs/NAME, written by the report below), says so:
+# a fresh clone does not train again what the report already holds.
+done_run() {
+  local d
+  for d in runs docs/runs; do
+    [[ -f "$d/$1/summary.json" ]] && grep -q '"completed": true' "$d/$1/summary.json" && return 0
+  done
+  return 1
+}
 # train CONFIG RUN_NAME [key=value ...]: skipped when finished, resumed when interrupted.
 train() {
   local cfg=$1 name=$2
@@ -61,7 +69,7 @@ fi
 # every score also measures `variety` (outputs' spread over images against the targets'): the report names a
 # run that collapsed to one output, which its MSE alone would pass off as a merely worse model
 for r in "${runs[@]}"; do
-  done_run "$r" || continue
+  grep -qs '"completed": true' "runs/$r/summary.json" || continue   # unfinished, or only its record here (scored where it ran)
   [[ "runs/$r/eval.json" -nt "runs/$r/summary.json" ]] || python launch/evaluate.py "runs/$r" --metrics variety
   # runs with a val split also get their best-validation checkpoint scored (the report shows both)
   if [[ -d "runs/$r/checkpoints/best" && ! "runs/$r/eval_best.json" -nt "runs/$r/summary.json" ]]; then
@@ -72,4 +80,8 @@ for r in "${runs[@]}"; do
     python launch/evaluate.py "runs/$r" --split train --no-wandb
   fi
 done
-python launch/report.py "${runs[@]/#/runs/}" --claims configs/seeds/claims.yaml --out docs/RESULTS.md
+# the committed records first, this machine's run folders after them (a finished one replaces its record), and
+# every finished run's record written back to docs/runs: commit it, runs/ is not kept between machines
+shopt -s nullglob
+live=(); for r in "${runs[@]}"; do [[ -d "runs/$r" ]] && live+=("runs/$r"); done
+python launch/report.py docs/runs/*/ "${live[@]}" --claims configs/seeds/claims.yaml --out docs/RESULTS.md --records docs/runs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -199,10 +200,13 @@ def test_report_cli_exits_2_in_one_line_on_a_garbled_summary(make_run: MakeRun, 
 def test_report_with_a_study_shows_verdicts_references_best_curves_and_figures(make_run: MakeRun, tmp_path: Path) -> None:
     a = make_run("a", metrics={"test/mse": 0.010, "test_noisy/mse": 0.011, "test_noisy/snr_db": 9.5}, best={"test/mse": 0.009, "epoch": 2})
     b = make_run("b", metrics={"test/mse": 0.030}, group="g2")
+    summary = json.loads((a / "summary.json").read_text())
+    (a / "summary.json").write_text(json.dumps({**summary, "device": "Xeon Y, 2 cores, amx_bf16"}))
     refs = [{"run": "a", "metric": "first:train/epoch_loss", "label": "initial loss", "source": 0.108}]
     out = write_report([a, b, tmp_path / "never_started"], tmp_path / "docs" / "R.md",
                        claims=_study(tmp_path, [A_LT_B], references=refs)).read_text()
     assert "- **holds**: a beats b [<]" in out and "no repeats; gap 0.02 > 50% of the larger side = 0.015" in out
+    assert "Trained on: Xeon Y, 2 cores, amx_bf16 (a); not recorded (run predates summary.json's device) (b)." in out
     assert "| Exp A | a | initial loss (`first:train/epoch_loss`) | 0.108 | 0.1 |" in out
     assert "0.0090 (ep 2)" in out and "noisy: 0.0110 / 9.50 dB" in out  # best checkpoint; corrupted-input column
     figs = tmp_path / "docs" / "figures"
@@ -342,3 +346,47 @@ def test_a_collapsed_run_is_named_under_the_table_and_in_each_verdict_that_uses_
     assert "collapsed" not in _verdict(alone, runs)[1]  # a claim on a only
     text = write_report(runs, tmp_path / "out" / "R.md", _study(tmp_path, [A_LT_B])).read_text()
     assert re.search(r"Collapsed \(outputs vary under 5% .*\): b-s1 \(best 0\.010\)\.", text)
+
+
+def test_records_rebuild_the_same_report_without_the_run_folders(make_run: MakeRun, tmp_path: Path) -> None:
+    a = make_run("a", metrics={"test/mse": 0.010}, best={"test/mse": 0.009, "epoch": 2})
+    b = make_run("b", metrics={"test/mse": 0.030})
+    (a / "checkpoints" / "step_9").mkdir(parents=True)
+    (a / "checkpoints" / "step_9" / "model.safetensors").write_bytes(b"weights")
+    study, records = _study(tmp_path, [A_LT_B]), tmp_path / "records"
+    live = write_report([a, b], tmp_path / "live" / "R.md", study, records=records).read_text()
+    assert sorted(p.name for p in (records / "a").iterdir()) == [
+        "command.txt", "config.yaml", "eval.json", "eval_best.json", "figures", "metrics.jsonl", "summary.json"]
+    # only the figures the report showed (newest eval_recon, recon of epoch 1, newest t-SNE), byte for byte
+    assert sorted(p.name for p in (records / "a" / "figures").iterdir()) == [
+        "eval_latent_tsne3d_epoch003.png", "eval_recon_epoch003.png", "recon_epoch001.png"]
+    assert (records / "a" / "figures" / "recon_epoch001.png").read_bytes() == (a / "figures" / "recon_epoch001.png").read_bytes()
+    for run in (a, b):
+        for f in ("metrics.jsonl", "summary.json", "eval.json"):
+            assert (records / run.name / f).read_bytes() == (run / f).read_bytes()
+    for run in (a, b):
+        shutil.rmtree(run)
+    rebuilt = write_report(sorted(records.iterdir()), tmp_path / "again" / "R.md", study, records=records).read_text()
+    assert rebuilt == live and "- **holds**: a beats b" in rebuilt
+    assert (tmp_path / "again" / "figures" / "a_recon.png").is_file()  # the figures come from the record
+    assert not list(records.glob(".*"))  # no half-built record left beside them
+
+
+def test_a_finished_record_outranks_an_unfinished_run_of_its_name_and_a_later_one_wins_otherwise(
+        make_run: MakeRun, tmp_path: Path) -> None:
+    record = make_run("a", metrics={"test/mse": 0.010})
+    records = tmp_path / "records"
+    (records / "a").parent.mkdir()
+    record.rename(records / "a")
+    resumed = make_run("a", metrics={"test/mse": 0.090})  # runs/a again, being trained further: no summary yet
+    (resumed / "summary.json").unlink()
+    b = make_run("b", metrics={"test/mse": 0.030})
+    study = _study(tmp_path, [A_LT_B])
+    text = write_report([records / "a", resumed, b], tmp_path / "o1" / "R.md", study, records=records).read_text()
+    assert "- **holds**: a beats b" in text and "0.0100" in text
+    assert json.loads((records / "a" / "summary.json").read_text())["test/mse"] == 0.010  # the record was kept
+    (resumed / "summary.json").write_text(json.dumps({"completed": True, "epoch": 3, "test/mse": 0.090}))
+    (resumed / "eval.json").write_text(json.dumps({"test/mse": 0.090}))
+    text = write_report([records / "a", resumed, b], tmp_path / "o2" / "R.md", study, records=records).read_text()
+    assert "- **does not hold**: a beats b" in text
+    assert json.loads((records / "a" / "summary.json").read_text())["test/mse"] == 0.090  # replaced by the finished run

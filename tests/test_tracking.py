@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import subprocess
 from collections.abc import Callable
@@ -121,6 +122,9 @@ def test_evaluate_writes_finite_metrics_and_report_tables_them(offline_run: Path
     # end-of-training number the engine measured.
     summary = json.loads((offline_run / "summary.json").read_text())
     assert values["test/mse"] == pytest.approx(summary["test/mse"], rel=1e-4)
+    # the speed figures name the machine they were measured on: this CPU's model line, as the kernel reports it
+    cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    assert summary["device"].startswith(f"{cpu}, {len(os.sched_getaffinity(0))} cores, ")
     # The evaluation went to the training run's W&B id (offline: a second folder with the same id).
     run_id = json.loads((offline_run / "summary.json").read_text())["wandb_run_id"]
     folders = sorted((offline_run / "wandb").glob(f"offline-run-*-{run_id}"))
