@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import resource
+
+import torch
+
+from aedist.precision import cpu_bf16_features
 
 
 def peak_rss_mb() -> float:
@@ -25,12 +31,6 @@ def device_name(device: str = "cpu") -> str:
     """What a speed figure was measured on: the GPU's name, or the CPU model with its usable cores and
     native-bf16 features, e.g. "Intel(R) Xeon(R) Processor, 2 cores, amx_bf16 avx512_bf16". Runs and
     benchmarks record it because the CPU differs between machines of one kind."""
-    import os
-
-    import torch
-
-    from aedist.precision import cpu_bf16_features
-
     if str(device).startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
     model = "unknown CPU"
@@ -38,8 +38,6 @@ def device_name(device: str = "cpu") -> str:
         with open("/proc/cpuinfo") as fh:
             model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
     except OSError:
-        import platform
-
         model = platform.processor() or model
     features = " ".join(sorted(cpu_bf16_features())) or "no native bf16"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # Linux: what this process may use
