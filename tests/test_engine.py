@@ -256,3 +256,18 @@ def test_collapse_watch_warns_on_entry_and_notes_recovery_once_each() -> None:
     assert said == ["warning: val/variety 0.010 at epoch 2: the outputs barely vary between images, the model gives about "
                     "one image for every input (collapsed; README: Collapsed runs)",
                     "note: val/variety back to 0.900 at epoch 5: the outputs vary between images again"]
+
+
+def test_test_and_figure_cadence_leave_the_trained_weights_unchanged(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
+    # reproduce.sh runs the test pass and figures after the last epoch only; that is a speed choice only if
+    # evaluation draws nothing from the training RNG (a VAE samples its latent and dropout masks with it).
+    runs = {}
+    for name, every in (("each", 1), ("last", 3)):
+        cfg = write_config(tmp_path, tiny_shards, name, model={"name": "conv_vae", "dropout": 0.2},
+                           corruption=[{"gaussian_noise": {"sigma": 0.2}}], eval={"knn_train": 64, "corruptions": {"noisy": [{"gaussian_noise": {"sigma": 0.2}}]}},
+                           train={"epochs": 3, "test_every": every}, log={"figures_every": every})
+        assert train(cfg).returncode == 0
+        runs[name] = tmp_path / "runs" / name
+    tested = lambda run: [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "test/mse" in r]  # noqa: E731
+    assert tested(runs["each"]) == [1, 2, 3] and tested(runs["last"]) == [3]
+    assert max_diff(weights(runs["each"]), weights(runs["last"])) == 0.0
