@@ -20,6 +20,8 @@ def main(argv: Sequence[str]) -> int:
                         help="split to measure; train: in eval mode, keyed train_eval/ (a generalization gap against val/), to eval_train.json")
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder name (default: newest complete step-N)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
+    parser.add_argument("--no-figures", action="store_true",
+                        help="metrics only: no figures (their t-SNE and samples take minutes on a CPU), e.g. for a repeat run or a second checkpoint")
     parser.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
                         help="auto = the EMA weights where the run kept them (train.ema_decay > 0), else raw")
     parser.add_argument("--metrics", nargs="+", default=[], metavar="NAME",
@@ -31,7 +33,7 @@ def main(argv: Sequence[str]) -> int:
     from aedist.evaluation.run import evaluate_run
 
     out = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, wandb=not args.no_wandb, weights=args.weights,
-                       imports=args.imports, extra_metrics=args.metrics)
+                       imports=args.imports, extra_metrics=args.metrics, figures=not args.no_figures)
     print(f"wrote {out}")
     return 0
 

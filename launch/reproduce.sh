@@ -76,10 +76,13 @@ fi
 # run that collapsed to one output, which its MSE alone would pass off as a merely worse model
 for r in "${runs[@]}"; do
   grep -qs '"completed": true' "runs/$r/summary.json" || continue   # unfinished, or only its record here (scored where it ran)
-  [[ "runs/$r/eval.json" -nt "runs/$r/summary.json" ]] || python launch/evaluate.py "runs/$r" --metrics variety
+  # figures only where the report shows them: the first training seed's newest checkpoint (t-SNE and
+  # samples take minutes a run on a CPU)
+  figs=""; [[ "$r" =~ -s[0-9]+$ ]] && figs="--no-figures"
+  [[ "runs/$r/eval.json" -nt "runs/$r/summary.json" ]] || python launch/evaluate.py "runs/$r" --metrics variety $figs
   # runs with a val split also get their best-validation checkpoint scored (the report shows both)
   if [[ -d "runs/$r/checkpoints/best" && ! "runs/$r/eval_best.json" -nt "runs/$r/summary.json" ]]; then
-    python launch/evaluate.py "runs/$r" --checkpoint best --metrics variety
+    python launch/evaluate.py "runs/$r" --checkpoint best --metrics variety --no-figures
   fi
   # and the train split in eval mode (train_eval/, eval_train.json): the generalization gaps of seeds 001 and 003
   if [[ -d "runs/$r/checkpoints/best" && ! "runs/$r/eval_train.json" -nt "runs/$r/summary.json" ]]; then

@@ -151,8 +151,10 @@ def test_evaluate_writes_finite_metrics_and_report_tables_them(offline_run: Path
     from aedist.runs import load_run
     assert load_run(offline_run).value("train_eval/mse") == train["train_eval/mse"]
     # --metrics scores the run with more than it logged; the run's own numbers do not move
-    proc = run_py(["launch/evaluate.py", str(offline_run), "--split", "val", "--no-wandb", "--metrics", "variety"])
+    figures = {p: p.stat().st_mtime_ns for p in (offline_run / "figures").iterdir()}
+    proc = run_py(["launch/evaluate.py", str(offline_run), "--split", "val", "--no-wandb", "--metrics", "variety", "--no-figures"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (offline_run / "figures").iterdir()} == figures  # --no-figures: none drawn or touched
     val = json.loads((offline_run / "eval_val.json").read_text())
     assert 0 <= val["val/variety"] < 5 and val["val_rotated/variety"] >= 0 and math.isfinite(val["val/mse"])
     proc = run_py(["launch/evaluate.py", str(offline_run), "--no-wandb", "--metrics", "varietee"])

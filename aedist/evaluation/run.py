@@ -76,14 +76,15 @@ def load_checkpoint_weights(cfg: Config, run: Path, checkpoint: str | None, weig
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | None = None, wandb: bool = True,
-                 weights: str = "auto", imports: Sequence[str] = (), extra_metrics: Sequence[str] = ()) -> Path:
+                 weights: str = "auto", imports: Sequence[str] = (), extra_metrics: Sequence[str] = (), figures: bool = True) -> Path:
     """Metrics and figures of a run's checkpoint; returns the path of the eval.json it wrote.
 
     ``weights``: ``auto`` = the EMA weights where the checkpoint has them (what a trained KL autoencoder
     ships), else the raw ones; ``ema`` insists on them; ``raw`` = the optimizer's weights. The
     checkpoint is only read: a discriminator or optimizer state in it stays as it is. The extensions the
     run's config.yaml records are imported again, and ``imports`` (``--import``) besides. ``extra_metrics``
-    (``--metrics``) are measured besides the run's ``eval.metrics``, e.g. on a run trained without them."""
+    (``--metrics``) are measured besides the run's ``eval.metrics``, e.g. on a run trained without them.
+    ``figures=False`` (``--no-figures``) skips the figures (the train split never draws any)."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a run folder (no config.yaml); pass runs/NAME as made by launch/train.py")
@@ -119,7 +120,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     out.write_text(json.dumps(values, indent=2))
 
     tracker = Tracker(acc, cfg, state.wandb_run_id, job_type="evaluate")  # the training run's W&B id: same run, resumed (job_type: issue 27)
-    figs = {} if split == "train" else draw_figures(model, cfg, load_probe(cfg, acc.device), latents, classes, full=True)
+    figs = {} if split == "train" or not figures else draw_figures(model, cfg, load_probe(cfg, acc.device), latents, classes, full=True)
     # W&B drops history rows whose step is below the run's last one, so evaluation logs one step later.
     numbers = {f"eval/{k}": v for k, v in values.items() if not isinstance(v, str)}  # "weights": "ema" stays in eval.json
     tracker.log(numbers, step=state.step + 1, epoch=state.epoch)
