@@ -139,6 +139,13 @@ class Study(_Strict):
     clear_margin: float = 0.5
     experiments: dict[str, Experiment] = {}
 
+    def runs_reading(self, prefix: str) -> list[str]:
+        """The runs some claim reads a ``prefix`` metric of (``best:`` and the like aside), e.g. ``train_eval/``:
+        the runs that need ``launch/evaluate.py --split train``, which costs minutes a run on a CPU."""
+        sides = [s for exp in self.experiments.values() for c in exp.claims for s in (c.lhs, c.rhs) if s.run]
+        return sorted({s.run for s in sides if any(m.rpartition(":")[2].startswith(prefix)
+                                                   for m in [*s.metrics, *([s.minus] if s.minus else [])])})
+
 
 def load_study(path: str | Path) -> Study:
     """The study file as a :class:`Study`, or a one-line UserError naming the bad entry."""

@@ -227,6 +227,17 @@ def test_seed_study_file_loads_and_names_real_runs(tmp_path: Path) -> None:
         load_study(_study(tmp_path, [{**A_LT_B, "op": "<<"}]))
 
 
+def test_runs_reading_finds_the_runs_a_claim_reads_a_split_of_through_any_side_prefix_or_minus(tmp_path: Path) -> None:
+    # reproduce.sh scores the train split (a quarter of an hour a run) only for these runs
+    claims = [{"text": "gap", "lhs": {"run": "a", "metric": "val/loss", "minus": "train_eval/loss"}, "op": "<",
+               "rhs": {"run": "b", "metric": "best:train_eval/mse"}},
+              {"text": "mean", "lhs": {"run": "c", "metric": ["test/mse", "train_eval/mse"]}, "op": "<", "rhs": {"value": 1.0}, "why": "w"},
+              {"text": "none", "lhs": {"run": "d", "metric": "test/mse"}, "op": "<", "rhs": {"run": "e", "metric": "val/loss"}}]
+    assert load_study(_study(tmp_path, claims)).runs_reading("train_eval/") == ["a", "b", "c"]
+    seeds = load_study(ROOT / "configs/seeds/claims.yaml").runs_reading("train_eval/")
+    assert seeds == ["colored_denoise_ae", "colored_denoise_reg", "stl10_compress", "stl10_dropout"]
+
+
 def test_report_module_names_no_experiment() -> None:
     """Everything study-specific lives in configs/: no run or group name of the seed configs in the code."""
     names = set()
