@@ -20,6 +20,8 @@ def main(argv: Sequence[str]) -> int:
                         help="split to measure; train: in eval mode, keyed train_eval/ (a generalization gap against val/), to eval_train.json")
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder name (default: newest complete step-N)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
+    parser.add_argument("--limit", type=int, default=0, metavar="N",
+                        help="score the split's first N images (manifest order), e.g. a sample of a large train split; recorded in the eval file")
     parser.add_argument("--no-figures", action="store_true",
                         help="metrics only: no figures (their t-SNE and samples take minutes on a CPU), e.g. for a repeat run or a second checkpoint")
     parser.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
@@ -29,11 +31,13 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                         help="also import this module or .py file (the run's recorded imports are always imported); repeatable")
     args = parser.parse_args(argv)
+    if args.limit < 0:
+        parser.error("--limit must be 0 (all) or a positive number of images")
 
     from aedist.evaluation.run import evaluate_run
 
     out = evaluate_run(args.run_dir, split=args.split, checkpoint=args.checkpoint, wandb=not args.no_wandb, weights=args.weights,
-                       imports=args.imports, extra_metrics=args.metrics, figures=not args.no_figures)
+                       imports=args.imports, extra_metrics=args.metrics, figures=not args.no_figures, limit=args.limit)
     print(f"wrote {out}")
     return 0
 

@@ -150,6 +150,11 @@ def test_evaluate_writes_finite_metrics_and_report_tables_them(offline_run: Path
     assert json.loads((offline_run / "eval.json").read_text()) == values
     from aedist.runs import load_run
     assert load_run(offline_run).value("train_eval/mse") == train["train_eval/mse"]
+    # --limit: the split's first N images, recorded; another sample gives another number
+    proc = run_py(["launch/evaluate.py", str(offline_run), "--split", "train", "--no-wandb", "--limit", "16"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sample = json.loads((offline_run / "eval_train.json").read_text())
+    assert sample["limit"] == 16 and "limit" not in train and sample["train_eval/mse"] != train["train_eval/mse"]
     # --metrics scores the run with more than it logged; the run's own numbers do not move
     figures = {p: p.stat().st_mtime_ns for p in (offline_run / "figures").iterdir()}
     proc = run_py(["launch/evaluate.py", str(offline_run), "--split", "val", "--no-wandb", "--metrics", "variety", "--no-figures"])

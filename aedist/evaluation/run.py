@@ -76,7 +76,8 @@ def load_checkpoint_weights(cfg: Config, run: Path, checkpoint: str | None, weig
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | None = None, wandb: bool = True,
-                 weights: str = "auto", imports: Sequence[str] = (), extra_metrics: Sequence[str] = (), figures: bool = True) -> Path:
+                 weights: str = "auto", imports: Sequence[str] = (), extra_metrics: Sequence[str] = (), figures: bool = True,
+                 limit: int = 0) -> Path:
     """Metrics and figures of a run's checkpoint; returns the path of the eval.json it wrote.
 
     ``weights``: ``auto`` = the EMA weights where the checkpoint has them (what a trained KL autoencoder
@@ -84,13 +85,17 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     checkpoint is only read: a discriminator or optimizer state in it stays as it is. The extensions the
     run's config.yaml records are imported again, and ``imports`` (``--import``) besides. ``extra_metrics``
     (``--metrics``) are measured besides the run's ``eval.metrics``, e.g. on a run trained without them.
-    ``figures=False`` (``--no-figures``) skips the figures (the train split never draws any)."""
+    ``figures=False`` (``--no-figures``) skips the figures (the train split never draws any). ``limit``
+    (``--limit``) scores the split's first N images in manifest order, e.g. a 10,000-image sample of a
+    54,000-image train split for a generalization gap; the eval file records it."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise UserError(f"{run} is not a run folder (no config.yaml); pass runs/NAME as made by launch/train.py")
     cfg = load_run_config(run, imports)
     set_cache_defaults(cfg.data.cache_dir, cfg.data.cache_max_gb)
     cfg.run.dir, cfg.run.name = str(run.parent), run.name
+    if limit:
+        cfg.data.limit = min(v for v in (cfg.data.limit, limit) if v)
     if extra_metrics:
         check_metric_names(extra_metrics, key="--metrics")
         cfg.eval.metrics = [*dict.fromkeys([*cfg.eval.metrics, *extra_metrics])]
@@ -116,6 +121,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     z = torch.from_numpy(latents[0]["clean"])
     values.update({f"{name}/latent_{k}": v for k, v in metrics.latent_gaussianity(z).items()})
     values.update({"checkpoint_step": state.step, "epoch": state.epoch, "weights": "ema" if ema else "raw"})
+    if cfg.data.limit:
+        values["limit"] = cfg.data.limit
     out = run / eval_file(checkpoint, split)  # eval.json, eval_best.json, eval_train.json, eval_best_train.json ...
     out.write_text(json.dumps(values, indent=2))
 
