@@ -271,3 +271,20 @@ def test_test_and_figure_cadence_leave_the_trained_weights_unchanged(tmp_path: P
     tested = lambda run: [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "test/mse" in r]  # noqa: E731
     assert tested(runs["each"]) == [1, 2, 3] and tested(runs["last"]) == [3]
     assert max_diff(weights(runs["each"]), weights(runs["last"])) == 0.0
+
+
+def test_a_run_without_val_split_that_skips_test_passes_draws_its_epoch_1_figures_without_latents(tmp_path: Path, train: RunFn) -> None:
+    # seed 000's repeats: no val split and train.test_every=51, so epoch 1 (whose figures are always drawn)
+    # has no latents at all; the latent plot is left out instead of the run crashing
+    from conftest import make_images
+
+    from aedist.data import write_shards
+
+    shards = tmp_path / "noval"
+    write_shards(shards, {"train": make_images(128, seed=1), "test": make_images(32, seed=3)}, class_names=["a", "b", "c", "d"],
+                 samples_per_block=32, blocks_per_shard=4, seed=0)
+    cfg = write_config(tmp_path, shards, "noval", train={"epochs": 2, "test_every": 2}, log={"figures_every": 2})
+    proc = train(cfg)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = {p.name for p in (tmp_path / "runs/noval/figures").iterdir()}
+    assert "recon_epoch001.png" in figures and "latent_pca_epoch001.png" not in figures and "latent_pca_epoch002.png" in figures

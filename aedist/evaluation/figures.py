@@ -46,7 +46,7 @@ class FigureContext:
     cfg: Config
     x: torch.Tensor  # [P, C, H, W] in [0, 1]
     y: torch.Tensor  # [P]
-    latents: Latents
+    latents: Latents | None  # None: this evaluation ran neither a val nor a test pass
     class_names: list[str]
     full: bool
     ema_model: nn.Module | None = None
@@ -101,7 +101,7 @@ def load_probe(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def draw_figures(model: nn.Module, cfg: Config, probe: tuple[torch.Tensor, torch.Tensor], latents: Latents,
+def draw_figures(model: nn.Module, cfg: Config, probe: tuple[torch.Tensor, torch.Tensor], latents: Latents | None,
                  class_names: list[str], full: bool, ema_model: nn.Module | None = None) -> dict[str, np.ndarray]:
     """Every registered figure that applies to this run, keyed ``figures/NAME``; ``ema_model`` (the EMA
     copy of ``model``, e.g. a torch AveragedModel) adds ``figures/recon_ema``."""
@@ -164,6 +164,8 @@ def samples(ctx: FigureContext) -> dict[str, np.ndarray]:
 def latent(ctx: FigureContext) -> dict[str, np.ndarray]:
     """The latent plane itself for flat 2-D latents; PCA otherwise, plus t-SNE in 2-D and 3-D on the full
     draw. Spatial latents [N, C, h, w] are projected as flattened C·h·w vectors (the titles say so)."""
+    if ctx.latents is None:  # no val split and train.test_every skipped this epoch's test pass: nothing to plot
+        return {}
     z, labels = ctx.latents[0]["clean"], ctx.latents[1]
     if not len(z):
         return {}
