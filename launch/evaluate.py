@@ -21,7 +21,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder name (default: newest complete step-N)")
     parser.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
     parser.add_argument("--limit", type=int, default=0, metavar="N",
-                        help="score the split's first N images (manifest order), e.g. a sample of a large train split; recorded in the eval file")
+                        help="score the split's first N images (manifest order), e.g. a sample of a large train split; recorded in the "
+                             "eval file. The kNN is still fitted on eval.knn_train train images")
     parser.add_argument("--no-figures", action="store_true",
                         help="metrics only: no figures (their t-SNE and samples take minutes on a CPU), e.g. for a repeat run or a second checkpoint")
     parser.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],

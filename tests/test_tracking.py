@@ -10,7 +10,9 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_engine import write_config
 from wandb.proto import wandb_internal_pb2
@@ -70,6 +72,31 @@ def offline_run(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path, run
     proc = run_py(["launch/train.py", "--config", str(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "runs/tracked"
+
+
+def knn_reference(run: Path, val: int, train: int) -> dict[str, float]:
+    """kNN accuracy and class-region spread of the run's newest checkpoint on its first ``val`` val images,
+    fitted on its first ``train`` train images: computed here from the loader and the weights, apart from
+    launch/evaluate.py (the spread moves with every train latent, so a smaller fit cannot match it by chance)."""
+    from aedist.batch import prepare_batch
+    from aedist.data import load_batches
+    from aedist.evaluation.run import load_weights
+    from aedist.loading import load_run_config
+    from aedist.metrics import class_regions, knn_accuracy
+
+    cfg = load_run_config(run, ())
+    newest = max((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    model, _ = load_weights(cfg, newest, "auto", "cpu")
+
+    def encode(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = zip(*load_batches(cfg.data.shards, split, n, shuffle=False, drop_last=False, limit=n))
+        with torch.no_grad():
+            z = model.encode(prepare_batch(torch.cat(xs), [], None, normalize=cfg.data.normalize).inputs)
+        return z.float().numpy(), torch.cat(ys).numpy()
+
+    fit, scored = encode("train", train), encode("val", val)
+    assert len(fit[1]) == train and len(scored[1]) == val
+    return {"knn_acc": knn_accuracy(*fit, *scored, k=cfg.eval.knn_k), "spread": class_regions(*fit, *scored)["spread"]}
 
 
 def test_offline_run_records_scalars_and_images(offline_run: Path) -> None:
@@ -155,6 +182,11 @@ def test_evaluate_writes_finite_metrics_and_report_tables_them(offline_run: Path
     assert proc.returncode == 0, proc.stderr[-3000:]
     sample = json.loads((offline_run / "eval_train.json").read_text())
     assert sample["limit"] == 16 and "limit" not in train and sample["train_eval/mse"] != train["train_eval/mse"]
+    # --limit cuts the scored split only: the kNN is still fitted on all eval.knn_train (64) train images
+    proc = run_py(["launch/evaluate.py", str(offline_run), "--split", "val", "--no-wandb", "--no-figures", "--limit", "32"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scored, reference = json.loads((offline_run / "eval_val.json").read_text()), knn_reference(offline_run, val=32, train=64)
+    assert scored["val/knn_acc"] == reference["knn_acc"] and scored["val/latent_spread"] == pytest.approx(reference["spread"], rel=1e-4)
     # --metrics scores the run with more than it logged; the run's own numbers do not move
     figures = {p: p.stat().st_mtime_ns for p in (offline_run / "figures").iterdir()}
     proc = run_py(["launch/evaluate.py", str(offline_run), "--split", "val", "--no-wandb", "--metrics", "variety", "--no-figures"])

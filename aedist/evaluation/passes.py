@@ -74,13 +74,15 @@ class _Tally:
 
 @torch.no_grad()
 def evaluate_split(model: nn.Module, cfg: Config, accelerator: Accelerator, split: str,
-                   prefix: str | None = None) -> tuple[dict[str, float], Latents]:
+                   prefix: str | None = None, limit: int = 0) -> tuple[dict[str, float], Latents]:
     """Loss terms (training corruption applied), clean-input metrics and one metric set per
     ``eval.corruptions`` entry (plus the corrupted inputs' own error, ``…/input_mse`` etc.).
     Returns the flat metrics and, gathered from all ranks, the latents of clean inputs (key
     ``"clean"``) and of each corruption's *decoded* outputs re-encoded (key = its name), plus the
     labels: a kNN on these tells whether decoding a corrupted image kept its class. ``prefix``
-    replaces the split in the keys (``val_ema/mse`` for the EMA weights on ``val``).
+    replaces the split in the keys (``val_ema/mse`` for the EMA weights on ``val``). ``limit`` scores
+    the split's first N samples only (besides ``data.limit``); other splits, such as the kNN's train
+    sample, are not cut by it.
     """
     was_training = model.training
     model.eval()
@@ -91,7 +93,7 @@ def evaluate_split(model: nn.Module, cfg: Config, accelerator: Accelerator, spli
     labels: list[np.ndarray] = []
     loss_keys: list[str] = ["loss", "recon", "kl"] if is_variational(model) else ["loss", "recon"]
     name_as = prefix or split
-    for i, (images, y) in enumerate(eval_batches(cfg, accelerator, split)):
+    for i, (images, y) in enumerate(eval_batches(cfg, accelerator, split, limit)):
         gen = make_generator(cfg.train.seed, accelerator.process_index, EVAL_STEP + i, images.device)
         batch = prepare_batch(images, cfg.corruption, gen, normalize=norm)
         out = model(batch.inputs)

@@ -94,8 +94,6 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     cfg = load_run_config(run, imports)
     set_cache_defaults(cfg.data.cache_dir, cfg.data.cache_max_gb)
     cfg.run.dir, cfg.run.name = str(run.parent), run.name
-    if limit:
-        cfg.data.limit = min(v for v in (cfg.data.limit, limit) if v)
     if extra_metrics:
         check_metric_names(extra_metrics, key="--metrics")
         cfg.eval.metrics = [*dict.fromkeys([*cfg.eval.metrics, *extra_metrics])]
@@ -114,15 +112,16 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     # The train split in eval mode (no dropout, batch-norm running stats) is keyed train_eval/, apart from
     # the training-time train/ loss: a generalization gap compares it with val/ of the same checkpoint.
     name = "train_eval" if split == "train" else split
-    values, latents = evaluate_split(model, cfg, acc, split, prefix=name)
+    # the limit cuts the scored split only, not the train images the kNN below is fitted on
+    values, latents = evaluate_split(model, cfg, acc, split, prefix=name, limit=limit)
     classes = read_manifest(cfg.data.shards).classes
     if split != "train":  # the kNN is fitted on train latents: scoring it on them says nothing
         values.update(knn_metric(model, cfg, acc, latents, split=split, class_names=classes))
     z = torch.from_numpy(latents[0]["clean"])
     values.update({f"{name}/latent_{k}": v for k, v in metrics.latent_gaussianity(z).items()})
     values.update({"checkpoint_step": state.step, "epoch": state.epoch, "weights": "ema" if ema else "raw"})
-    if cfg.data.limit:
-        values["limit"] = cfg.data.limit
+    if limit or cfg.data.limit:
+        values["limit"] = min(v for v in (cfg.data.limit, limit) if v)
     out = run / eval_file(checkpoint, split)  # eval.json, eval_best.json, eval_train.json, eval_best_train.json ...
     out.write_text(json.dumps(values, indent=2))
 
