@@ -401,3 +401,20 @@ def test_a_finished_record_outranks_an_unfinished_run_of_its_name_and_a_later_on
     text = write_report([records / "a", resumed, b], tmp_path / "o2" / "R.md", study, records=records).read_text()
     assert "- **does not hold**: a beats b" in text
     assert json.loads((records / "a" / "summary.json").read_text())["test/mse"] == 0.090  # replaced by the finished run
+
+
+def test_run_records_are_committed_and_run_folders_are_not() -> None:
+    """docs/runs/ holds the study's only lasting copy of its runs: an ignore rule that also caught it (``runs/``
+    did) leaves the records on the machine that made them, and they are lost with it."""
+    import subprocess
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT).returncode == 0  # the rules alone
+
+    assert not ignored("docs/runs/a_new_run/summary.json") and not ignored("docs/runs/a_new_run/eval.json")
+    assert ignored("runs/fashion_baseline/summary.json") and ignored("runs/fashion_baseline/checkpoints/step-1/model.safetensors")
+    tracked = subprocess.run(["git", "ls-files", "docs/runs"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert "docs/runs/README.md" in tracked
