@@ -61,7 +61,12 @@ done
 # (the pre-registered setting of configs/seeds/claims.yaml): opt in, 72-90 min of training per run here (2 at a time, 1 thread each).
 # With STL10 itself: python launch/pack.py stl10 --source DIR --out shards/stl10 and data.shards=shards/stl10.
 if [[ -n "${WITH_STL10:-}" ]]; then
-  # crops of every photograph installed (apt-get install mate-backgrounds adds 12 nature photos to sklearn's 2)
+  # crops of 14 photographs: Debian's mate-backgrounds has 12 nature photos beside scikit-learn's 2; without
+  # them the stand-in would be another, 2-photograph dataset than the one the claims were registered on
+  if [[ ! -d data/photo500 && ! -d /usr/share/backgrounds/mate/nature ]]; then
+    echo "reproduce.sh: seed 001's photo stand-in needs Debian's mate-backgrounds; run apt-get install mate-backgrounds" >&2
+    exit 2
+  fi
   [[ -d data/photo500 ]] || python -m aedist.data.standins data/photo500 500 200 400   # disjoint train/val/test strips
   python launch/pack.py folder --source data/photo500 --size 96 --out shards/photo500
   # validation (best epoch) every epoch; the test pass and the figures only after the last one

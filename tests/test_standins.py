@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from aedist.data.sources import list_folder
@@ -37,3 +38,16 @@ def test_photographs_from_a_package_folder_join_the_bundled_ones(tmp_path: Path)
     per_class = {s: sorted((c.name, len(list(c.glob("*.png")))) for c in (out / s).iterdir()) for s in ("train", "val", "test")}
     assert per_class["train"] == [("china", 3), ("dune", 2), ("flower", 2)]  # spread evenly; the sliver left out
     assert per_class["val"] == per_class["test"] == [("china", 1), ("dune", 1), ("flower", 1)]
+
+
+def test_the_command_says_when_the_package_photographs_are_absent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without mate-backgrounds the crops come from 2 photographs instead of the study's 14: said, not silent."""
+    from aedist.data.standins import main
+
+    main([str(tmp_path / "two"), "4", "2", "2", "32"], dirs=[tmp_path / "absent"])
+    out, err = capsys.readouterr()
+    assert "absent" in err and "apt-get install mate-backgrounds" in err and "crops of 2 photographs" in out
+    Image.fromarray(photographs(dirs=())["flower"]).save(tmp_path / "Dune.jpg")
+    main([str(tmp_path / "three"), "4", "2", "2", "32"], dirs=[tmp_path])
+    out, err = capsys.readouterr()
+    assert err == "" and "crops of 3 photographs" in out

@@ -78,7 +78,17 @@ def write_photo_crops(out: str | Path, n_train: int = 2000, n_val: int = 200, n_
     return out
 
 
+def main(argv: Sequence[str], dirs: Sequence[str | Path] = PHOTO_DIRS) -> Path:
+    """``OUT [N_TRAIN N_VAL N_TEST [SIZE]]``: write the crops and say which photographs they come from."""
+    missing = [str(d) for d in dirs if not Path(d).is_dir()]
+    if missing:
+        # the study's photo stand-ins (photo96, photo500) are crops of 14 photographs; two give another dataset
+        print(f"note: {', '.join(missing)} is absent, so the crops come from the 2 scikit-learn photographs only; "
+              "apt-get install mate-backgrounds adds the 12 the seed study's photo stand-ins use", file=sys.stderr)
+    out = write_photo_crops(argv[0] if argv else "data/photo96", *(int(a) for a in argv[1:5]), dirs=dirs)
+    print(f"{out}: crops of {len(list((out / 'train').iterdir()))} photographs")
+    return out
+
+
 if __name__ == "__main__":
-    # python -m aedist.data.standins OUT [N_TRAIN N_VAL N_TEST [SIZE]]
-    args = sys.argv[1:]
-    print(write_photo_crops(args[0] if args else "data/photo96", *(int(a) for a in args[1:5])))
+    main(sys.argv[1:])
