@@ -268,6 +268,9 @@ class Trainer:
         if acc.is_main_process:
             record_resume(cfg.run_dir, {"step": state.step, "world_size": self.world, "from": str(folder),
                                         "changed": {k: list(v) for k, v in changes.items()}})
+            # A finished run resumed for more epochs is unfinished again until its new summary: the old one would
+            # pass the longer metrics.jsonl off as finished (to the report, its records and reproduce.sh).
+            (cfg.run_dir / "summary.json").unlink(missing_ok=True)
         state.resumed_from.append(state.step)
         where = DataPosition.from_dict(state.data_position).describe() if state.data_position else f"epoch {state.epoch}, batch {state.batch}"
         acc.print(f"resumed from {folder} (step {state.step}; {where})")

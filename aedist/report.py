@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from aedist.errors import UserError
-from aedist.runs import COLLAPSED, CURVE_KEYS, Run, epoch_series, group_runs, is_number, latest_runs, load_run, save_record
-from aedist.study import SHOWN, Experiment, Stat, Study, check_claim, data_of, group_stat, load_study
+from aedist.runs import COLLAPSED, CURVE_KEYS, Run, epoch_series, group_runs, is_number, latest_runs, load_run, restore_records, save_record
+from aedist.study import SHOWN, Experiment, Stat, Study, check_claim, data_of, group_stat, load_study, percent
 
 log = logging.getLogger(__name__)
 def _progress(run: Run) -> str:
@@ -122,8 +122,12 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
     with one name, see runs.latest_runs), checked against the study file ``claims`` when given; figures
     are copied next to ``out`` in figures/, and each finished run's record into ``records`` when given."""
     study = load_study(claims) if claims else Study()
+    dirs = [Path(d) for d in run_dirs]
+    for put_back in restore_records(Path(records)) if records else []:
+        log.warning("%s restored: an interrupted record update had left it aside", put_back)
+        dirs.insert(0, put_back)  # the caller's docs/runs/*/ could not list it; its live run, listed later, still wins
     runs = []
-    for d in map(Path, run_dirs):
+    for d in dirs:
         if (d / "config.yaml").is_file():
             runs.append(load_run(d))
         else:
@@ -173,9 +177,10 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path, claims: str | 
     if study.experiments:
         lines += ["## Claims, checked", "",
                   f"Each claim is the source's own, checked on our runs. A comparison *holds* or *does not hold* where its gap "
-                  f"exceeds {k:g} x the larger std over repeated training seeds; where neither side is repeated, where it exceeds "
+                  f"exceeds {k:g} x the larger std over repeated training seeds (a side run once is taken to vary as much as the "
+                  f"repeated one, and the verdict says so); where neither side is repeated, where it exceeds "
                   f"the margin the study file states for it (relative for ratio-scale quantities such as MSE, absolute for dB) or, "
-                  f"for ratio-scale quantities, {m:.0%} of the larger side; a single run against a threshold stated in the study "
+                  f"for ratio-scale quantities, {percent(m)} of the larger side; a single run against a threshold stated in the study "
                   f"file is judged as it stands. An equivalence (≈, within a stated margin) holds where the gap plus the spread "
                   f"band stays inside the margin. Every rule prints the numbers it used. A run on a stand-in dataset gets a verdict "
                   f"that names it (\"holds on …\"); a run short of the source's schedule leaves the claim *not tested here*; "

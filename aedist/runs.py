@@ -139,13 +139,22 @@ def load_run(path: str | Path) -> Run:
     """Read a run folder; a garbled file is a one-line UserError naming it and the fix."""
     p = Path(path)
     cfg = read_yaml(p / "config.yaml", "run config")
+    summary = _read_json(p / "summary.json", "restore it, or delete it and train the run again (it resumes)")
+    # the checkpoint an eval file must have scored: the run's last step, or the epoch of its best validation loss
+    ends = {"last": ("checkpoint_step", summary.get("step")), "best": ("epoch", summary.get("best_epoch"))}
     evals: dict[str, dict[str, Any]] = {}
     for kind, ckpt in (("last", None), ("best", "best")):
         evals[kind] = {}
         for split in ("test", "val", "train"):
             flag = "" if ckpt is None else f" --checkpoint {ckpt}"
-            evals[kind].update(_read_json(p / eval_file(ckpt, split), f"evaluate again: python launch/evaluate.py {p}{flag} --split {split}"))
-    summary = _read_json(p / "summary.json", "restore it, or delete it and train the run again (it resumes)")
+            fix = f"python launch/evaluate.py {p}{flag} --split {split}"
+            values = _read_json(p / eval_file(ckpt, split), f"evaluate again: {fix}")
+            key, end = ends[kind]
+            if is_number(values.get(key)) and is_number(end) and values[key] != end:  # the run trained on after it was scored
+                log.warning("%s scored %s %s, but the run's %s checkpoint is at %s; left out until: %s",
+                            p / eval_file(ckpt, split), key, values[key], kind, end, fix)
+                continue
+            evals[kind].update(values)
     cmd = p / "command.txt"  # one line per (re)start: a resumed run lists each command once
     command = "\n".join(dict.fromkeys(cmd.read_text(errors="replace").splitlines())) if cmd.is_file() else ""
     return Run(p.name, p, cfg, summary, evals, read_rows(p / "metrics.jsonl"), command)
@@ -163,6 +172,7 @@ def save_record(run: Run, root: Path, figures: Iterable[Path] = ()) -> Path:
     if dest.resolve() == run.path.resolve():
         return dest  # reported from the record itself: nothing newer to copy
     tmp, old = root / f".{run.name}.new", root / f".{run.name}.old"
+    restore_records(root)  # a swap a crash cut short left the old record aside: put it back before anything is removed
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
     (tmp / "figures").mkdir(parents=True)
@@ -176,6 +186,21 @@ def save_record(run: Run, root: Path, figures: Iterable[Path] = ()) -> Path:
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+def restore_records(root: Path) -> list[Path]:
+    """Put back each record that a crash between save_record's two renames left only as ``.NAME.old``
+    (the report and reproduce.sh, which read ``root/*/``, would see it missing), and remove half-built
+    ``.NAME.new`` folders (whether one was complete cannot be told); returns the records put back."""
+    root, restored = Path(root), []
+    for old in sorted(root.glob(".*.old")) if root.is_dir() else []:
+        dest = old.with_name(old.name[1:].removesuffix(".old"))
+        if old.is_dir() and not dest.exists():
+            old.rename(dest)
+            restored.append(dest)
+    for new in root.glob(".*.new") if root.is_dir() else []:
+        shutil.rmtree(new, ignore_errors=True)
+    return restored
 
 
 def latest_runs(runs: Iterable[Run]) -> list[Run]:

@@ -100,6 +100,8 @@ class Claim(_Strict):
         log_side = any(is_log_scale(m) for s in (self.lhs, self.rhs) for m in s.metrics)
         if self.margin is not None and log_side:
             raise ValueError("a relative margin on a log quantity (dB) is arbitrary; state margin_abs in its units")
+        if self.margin is not None and self.margin_abs is not None:
+            raise ValueError("give margin (relative) or margin_abs (in the metric's units), not both")
         if self.op == "~=" and self.margin is None and self.margin_abs is None:
             raise ValueError("an equivalence (~=) needs margin or margin_abs")
         if (self.factor != 1 or self.margin is not None or self.margin_abs is not None or self.rhs.value is not None) and self.verdict and not self.why:
@@ -202,36 +204,44 @@ def decide(op: str, factor: float, lhs: Stat, rhs: Stat, rule: Rule) -> tuple[st
     gap = lhs.mean - target
     stds = [s for s in (lhs.std, None if rhs.std is None else abs(factor) * rhs.std) if s is not None]
     band = rule.spread_factor * max(stds) if stds else None
+    # One side repeated, the other run once: the single run's spread is unmeasured and taken to be the
+    # measured one. Said in every verdict that rests on it, not assumed quietly.
+    once = "" if len(stds) != 1 or rule.fixed_rhs else f" ({'left' if lhs.std is None else 'right'} side run once: its spread taken as the other's)"
     if rule.margin_abs is not None:
         allowed, said = rule.margin_abs, f"the stated margin {rule.margin_abs:g}"
     elif rule.margin is not None:
         allowed = rule.margin * max(abs(lhs.mean), abs(target))
-        said = f"{rule.margin:.0%} of the larger side = {allowed:.3g}"
+        said = f"{percent(rule.margin)} of the larger side = {allowed:.3g}"
     else:
         allowed, said = None, ""
     if op == "~=":
         if band is None:
             return UNTESTED, f"an equivalence needs measured spread (no side repeated); margin {said}"
         if abs(gap) + band <= allowed:  # type: ignore[operator]
-            return HOLDS, f"gap {abs(gap):.3g} + {rule.spread_factor:g} x std {max(stds):.2g} = {abs(gap) + band:.3g} <= margin {said}"
+            return HOLDS, f"gap {abs(gap):.3g} + {rule.spread_factor:g} x std {max(stds):.2g} = {abs(gap) + band:.3g} <= margin {said}{once}"
         if abs(gap) - band > allowed:  # type: ignore[operator]
-            return FAILS, f"gap {abs(gap):.3g} - {rule.spread_factor:g} x std {max(stds):.2g} = {abs(gap) - band:.3g} > margin {said}"
-        return UNTESTED, f"gap {abs(gap):.3g} ± {rule.spread_factor:g} x std {max(stds):.2g} straddles the margin {said}"
+            return FAILS, f"gap {abs(gap):.3g} - {rule.spread_factor:g} x std {max(stds):.2g} = {abs(gap) - band:.3g} > margin {said}{once}"
+        return UNTESTED, f"gap {abs(gap):.3g} ± {rule.spread_factor:g} x std {max(stds):.2g} straddles the margin {said}{once}"
     status = HOLDS if OPS[op](lhs.mean, target) else FAILS
     if band is not None:
         if abs(gap) > band:
-            return status, f"gap {abs(gap):.3g} > {rule.spread_factor:g} x the larger std {max(stds):.2g} = {band:.3g}"
-        return UNTESTED, f"gap {abs(gap):.3g} is within {rule.spread_factor:g} x the run-to-run std {max(stds):.2g} = {band:.3g}"
+            return status, f"gap {abs(gap):.3g} > {rule.spread_factor:g} x the {'measured' if once else 'larger'} std {max(stds):.2g} = {band:.3g}{once}"
+        return UNTESTED, f"gap {abs(gap):.3g} is within {rule.spread_factor:g} x the run-to-run std {max(stds):.2g} = {band:.3g}{once}"
     if rule.fixed_rhs and allowed is None:
         return status, "one run against the threshold stated in the study file"
     if allowed is None:
         if rule.log_scale:
             return UNTESTED, "no repeats, and a log quantity (dB) needs an absolute margin stated in the study file (margin_abs)"
         allowed = rule.clear_margin * max(abs(lhs.mean), abs(target))
-        said = f"{rule.clear_margin:.0%} of the larger side = {allowed:.3g}"
+        said = f"{percent(rule.clear_margin)} of the larger side = {allowed:.3g}"
     if abs(gap) > allowed:
         return status, f"no repeats; gap {abs(gap):.3g} > {said}"
     return UNTESTED, f"no repeats for a close comparison (gap {abs(gap):.3g}, {said} needed)"
+
+
+def percent(fraction: float) -> str:
+    """0.025 -> "2.5%": the margin printed as used, never rounded to another one."""
+    return f"{fraction * 100:g}%"
 
 
 def data_of(exp: Experiment, run: Run) -> tuple[bool, str]:
@@ -302,6 +312,9 @@ def _check(claim: Claim, exp: Experiment, groups: dict[str, list[Run]], study: S
         epochs = sorted({int(e) if is_number(e := m.summary.get("epoch")) else -1 for m in members})
         if epochs != [exp.epochs]:
             reasons.append(f"{run} trained {'/'.join(map(str, epochs))} of the source's {exp.epochs} epochs")
+        datasets = sorted({m.shards for m in members})
+        if len(datasets) > 1:  # a mean over two datasets: its std would measure the data, not the training seed
+            reasons.append(f"the {run} runs trained on different data ({', '.join(datasets)})")
         own, _ = data_of(exp, members[0])
         if not own:
             standins.append(exp.standins.get(members[0].shards, f"{members[0].shards}, not {exp.data}"))

@@ -129,6 +129,20 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path: Path, tin
     assert max_diff(weights(run), weights(tmp_path / "runs/ref")) <= 1e-6
 
 
+def test_a_finished_run_resumed_for_more_epochs_is_unfinished_until_it_finishes_again(tmp_path: Path, tiny_shards: Path,
+                                                                                       train: RunFn) -> None:
+    cfg = write_config(tmp_path, tiny_shards, "longer", train={"epochs": 1})
+    assert train(cfg).returncode == 0
+    run = tmp_path / "runs/longer"
+    first = json.loads((run / "summary.json").read_text())
+    assert first["completed"] and first["epoch"] == 1
+    # the second leg dies at its first step: the old summary must not call the run finished
+    proc = train(cfg, "train.epochs=2", env={"AEDIST_INJECT_NAN": f"0:{first['step'] + 1}"})
+    assert proc.returncode != 0 and not (run / "summary.json").exists()
+    assert train(cfg, "train.epochs=2").returncode == 0
+    assert json.loads((run / "summary.json").read_text())["epoch"] == 2
+
+
 def test_sigusr1_saves_exits_75_and_resumes(tmp_path: Path, tiny_shards: Path, train: RunFn) -> None:
     cfg = _slow_resumable(tmp_path, tiny_shards, "preempted")
     run = tmp_path / "runs/preempted"

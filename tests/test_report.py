@@ -95,6 +95,25 @@ def test_decide_needs_a_gap_beyond_twice_the_larger_std() -> None:
     assert decide("<", 0.5, Stat.of([0.019]), Stat.of([0.02]), Rule(clear_margin=0.3))[0] == FAILS  # factor scales the rhs
 
 
+def test_a_side_run_once_against_a_repeated_one_says_its_spread_was_assumed_and_margins_print_as_used() -> None:
+    once, repeated = Stat.of([0.010]), Stat.of([0.020, 0.021, 0.022])
+    status, rule = decide("<", 1.0, once, repeated, RULE)
+    assert status == HOLDS and rule == "gap 0.011 > 2 x the measured std 0.001 = 0.002 (left side run once: its spread taken as the other's)"
+    assert decide(">", 1.0, repeated, once, RULE)[1].endswith("(right side run once: its spread taken as the other's)")
+    assert "run once" not in decide("<", 1.0, Stat.of([0.010, 0.011]), repeated, RULE)[1]  # both measured: nothing assumed
+    # a margin prints as the fraction used (2.5 %), not rounded to another one
+    assert decide("<", 1.0, Stat.of([0.019]), Stat.of([0.02]), Rule(margin=0.025))[1] == "no repeats; gap 0.001 > 2.5% of the larger side = 0.0005"
+
+
+def test_a_run_group_over_two_datasets_is_not_pooled_into_a_verdict(make_run: MakeRun, tmp_path: Path) -> None:
+    runs = [make_run("a", metrics={"test/mse": 0.010}), make_run("a-s1", metrics={"test/mse": 0.011}, shards="shards/other"),
+            make_run("b", metrics={"test/mse": 0.030}), make_run("b-s1", metrics={"test/mse": 0.031})]
+    status, _, why = _verdict(_study(tmp_path, [A_LT_B]), runs)
+    assert status == UNTESTED and "the a runs trained on different data (other, tiny)" in why
+    with pytest.raises(UserError, match="not both"):
+        load_study(_study(tmp_path, [{**A_LT_B, "margin": 0.1, "margin_abs": 0.001, "why": "w"}]))
+
+
 def test_a_repeated_stat_prints_its_std_at_the_means_precision() -> None:
     # numpy's sample std is the reference; the text shows it at the decimals of the 4-significant mean
     vals = [0.00524, 0.00532]
@@ -383,6 +402,36 @@ def test_records_rebuild_the_same_report_without_the_run_folders(make_run: MakeR
     assert not list(records.glob(".*"))  # no half-built record left beside them
 
 
+def test_a_record_left_aside_by_an_interrupted_swap_is_put_back_and_reported(make_run: MakeRun, tmp_path: Path,
+                                                                               caplog: pytest.LogCaptureFixture) -> None:
+    a, b = make_run("a", metrics={"test/mse": 0.010}), make_run("b", metrics={"test/mse": 0.030})
+    study, records = _study(tmp_path, [A_LT_B]), tmp_path / "records"
+    whole = write_report([a, b], tmp_path / "one" / "R.md", study, records=records).read_text()
+    (records / "a").rename(records / ".a.old")  # a crash between save_record's renames: only the old copy is left
+    (records / ".a.new").mkdir()  # and a half-built new one
+    for run in (a, b):
+        shutil.rmtree(run)
+    with caplog.at_level(logging.WARNING):
+        again = write_report(sorted(records.glob("*/")), tmp_path / "two" / "R.md", study, records=records).read_text()
+    assert again == whole and "records/a restored" in caplog.text
+    assert sorted(p.name for p in records.iterdir()) == ["a", "b"]
+
+
+def test_an_eval_file_of_an_older_checkpoint_is_left_out_with_a_warning(make_run: MakeRun, caplog: pytest.LogCaptureFixture) -> None:
+    run = make_run("a", metrics={"test/mse": 0.010}, best={"test/mse": 0.009, "epoch": 2})
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "step": 30, "best_epoch": 2}))
+    (run / "eval.json").write_text(json.dumps({"test/mse": 0.5, "checkpoint_step": 20}))  # scored before 10 more steps
+    with caplog.at_level(logging.WARNING):
+        loaded = load_run(run)
+    assert loaded.value("test/mse") == 0.010 and loaded.value("best:test/mse") == 0.009  # the summary's own number
+    assert "scored checkpoint_step 20, but the run's last checkpoint is at 30" in caplog.text
+    (run / "eval.json").write_text(json.dumps({"test/mse": 0.5, "checkpoint_step": 30}))
+    (run / "eval_best.json").write_text(json.dumps({"test/mse": 0.4, "epoch": 1}))
+    loaded = load_run(run)
+    assert loaded.value("test/mse") == 0.5 and loaded.value("best:test/mse") is None
+
+
 def test_a_finished_record_outranks_an_unfinished_run_of_its_name_and_a_later_one_wins_otherwise(
         make_run: MakeRun, tmp_path: Path) -> None:
     record = make_run("a", metrics={"test/mse": 0.010})
@@ -416,5 +465,6 @@ def test_run_records_are_committed_and_run_folders_are_not() -> None:
 
     assert not ignored("docs/runs/a_new_run/summary.json") and not ignored("docs/runs/a_new_run/eval.json")
     assert ignored("runs/fashion_baseline/summary.json") and ignored("runs/fashion_baseline/checkpoints/step-1/model.safetensors")
+    assert ignored("docs/runs/.a_new_run.new/summary.json")  # a record save_record is still building
     tracked = subprocess.run(["git", "ls-files", "docs/runs"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     assert "docs/runs/README.md" in tracked
