@@ -30,13 +30,18 @@ EVAL_STEP = 1 << 40  # generator "steps" for evaluation draws, far from any trai
 Latents = tuple[dict[str, np.ndarray], np.ndarray]
 
 
+def split_limit(cfg: Config, limit: int = 0) -> int:
+    """How many samples of a split a pass reads: the smaller of ``limit`` and ``data.limit`` where set (0 = all)."""
+    limits = [v for v in (cfg.data.limit, limit) if v > 0]
+    return min(limits) if limits else 0
+
+
 def eval_batches(cfg: Config, accelerator: Accelerator, split: str, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's disjoint part of a split, in order, every sample once across ranks."""
-    limits = [v for v in (cfg.data.limit, limit) if v > 0]
     yield from load_batches(
         cfg.data.shards, split, cfg.data.eval_batch_size, accelerator.process_index, accelerator.num_processes,
         seed=cfg.train.seed, device=accelerator.device, shuffle=False, drop_last=False,
-        limit=min(limits) if limits else 0, on_error=cfg.data.on_error, pin_memory=cfg.data.pin_memory,
+        limit=split_limit(cfg, limit), on_error=cfg.data.on_error, pin_memory=cfg.data.pin_memory,
     )
 
 

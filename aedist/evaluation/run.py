@@ -22,6 +22,7 @@ from aedist.data.remote import set_cache_defaults
 from aedist.errors import UserError
 from aedist.evaluation import draw_figures, evaluate_split, knn_metric, load_probe
 from aedist.evaluation.backbones import check_backbones
+from aedist.evaluation.passes import split_limit
 from aedist.evaluation.quality import check_metric_names
 from aedist.loading import load_run_config
 from aedist.models import build_model
@@ -120,8 +121,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str | Non
     z = torch.from_numpy(latents[0]["clean"])
     values.update({f"{name}/latent_{k}": v for k, v in metrics.latent_gaussianity(z).items()})
     values.update({"checkpoint_step": state.step, "epoch": state.epoch, "weights": "ema" if ema else "raw"})
-    if limit or cfg.data.limit:
-        values["limit"] = min(v for v in (cfg.data.limit, limit) if v)
+    if scored := split_limit(cfg, limit):
+        values["limit"] = scored
     out = run / eval_file(checkpoint, split)  # eval.json, eval_best.json, eval_train.json, eval_best_train.json ...
     out.write_text(json.dumps(values, indent=2))
 
