@@ -15,6 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_wandb_service() -> None:
+    """An in-process ``wandb.init`` (any test that trains in-process while WANDB_MODE=offline is exported)
+    puts WANDB_SERVICE into os.environ. Every later subprocess would then attach to the pytest process's
+    wandb-core, where a run killed by a test keeps its ID "in use" and its resume fails. Each test starts
+    without one, as a user's shell would."""
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 def make_images(n: int, channels: int = 1, size: int = 28, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Learnable synthetic images: a bright square whose position and size depend on the class."""
     rng = np.random.default_rng(seed)
