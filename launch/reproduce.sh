@@ -58,7 +58,7 @@ for s in 1 2; do
 done
 
 # Seed 001 (STL10, 121 epochs, 27.4M parameters) on the photo stand-in, reduced to 500 train crops
-# (the pre-registered setting of configs/seeds/claims.yaml): opt in, 35-43 min of training per run on an Intel Xeon
+# (the pre-registered setting of configs/seeds/claims.yaml): opt in, 35-45 min of training per run on an Intel Xeon
 # with AMX, 72-90 min on an AMD EPYC (2 at a time, 1 thread each).
 # With STL10 itself: python launch/pack.py stl10 --source DIR --out shards/stl10 and data.shards=shards/stl10.
 if [[ -n "${WITH_STL10:-}" ]]; then
